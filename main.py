@@ -1,0 +1,941 @@
+"""BookStore: a book catalogue, its stock and its orders, with FastAPI and SQLModel.
+
+Run it with `uvicorn main:app` and open http://127.0.0.1:8000/docs.
+README.md walks through this file from top to bottom.
+"""
+
+import asyncio
+import hashlib
+import logging
+import os
+import secrets
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from decimal import Decimal
+from enum import StrEnum
+from http import HTTPStatus
+from typing import Annotated, Literal
+
+from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import (
+    AfterValidator,
+    ConfigDict,
+    PlainSerializer,
+    computed_field,
+    field_validator,
+)
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Engine,
+    Numeric,
+    String,
+    event,
+)
+from sqlalchemy.dialects import mysql
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.types import TypeDecorator
+from sqlmodel import (
+    Field,
+    Relationship,
+    Session,
+    SQLModel,
+    col,
+    create_engine,
+    func,
+    select,
+    update,
+)
+
+# --- Settings -----------------------------------------------------------------
+
+DATABASE_URL = os.environ.get("DATABASE_URL", "sqlite:///./bookstore.db")
+SQL_ECHO = os.environ.get("SQL_ECHO", "").lower() in ("1", "true", "yes", "on")
+ADMIN_TOKEN = os.environ.get("BOOKSTORE_ADMIN_TOKEN") or None
+
+MAX_ID = 2_147_483_647  # the largest key that every database's INTEGER holds
+MAX_STOCK = 1_000_000_000
+MAX_BODY_BYTES = 1024 * 1024
+
+log = logging.getLogger("uvicorn.error")
+
+
+# --- The engine -----------------------------------------------------------------
+
+
+def make_engine(url: str, **kwargs) -> Engine:
+    """An engine for `url`; on SQLite, set up so that several processes can share the file."""
+    if not url.startswith("sqlite"):
+        return create_engine(url, echo=SQL_ECHO, pool_pre_ping=True, **kwargs)
+    # isolation_level="IMMEDIATE" makes the driver open every write transaction
+    # with BEGIN IMMEDIATE: the write lock is taken up front, where SQLite can
+    # wait for it, instead of at the first write, where it answers "locked".
+    connect_args = {"check_same_thread": False, "isolation_level": "IMMEDIATE"}
+    engine = create_engine(url, echo=SQL_ECHO, connect_args=connect_args, **kwargs)
+
+    @event.listens_for(engine, "connect")
+    def set_sqlite_pragmas(dbapi_connection, _connection_record):
+        # WAL: readers never wait for the writer, and NORMAL sync is safe with it.
+        # busy_timeout: wait up to 30 s for another process's write to finish.
+        # foreign_keys: SQLite ignores REFERENCES unless asked.
+        for pragma in (
+            "journal_mode=WAL",
+            "synchronous=NORMAL",
+            "busy_timeout=30000",
+            "foreign_keys=ON",
+        ):
+            dbapi_connection.execute(f"PRAGMA {pragma}")
+
+    return engine
+
+
+engine = make_engine(DATABASE_URL)
+
+
+class Money(TypeDecorator):
+    """Exact money: NUMERIC(p, 2) where the database has it; integer cents on SQLite."""
+
+    impl = Numeric
+    cache_ok = True
+
+    def __init__(self, precision: int):
+        super().__init__(precision, 2)
+
+    def load_dialect_impl(self, dialect):
+        # SQLite's NUMERIC is a float in disguise: 32.97 would come back as 32.970000000000006.
+        return BigInteger() if dialect.name == "sqlite" else self.impl_instance
+
+    def process_bind_param(self, value, dialect):
+        if value is None or dialect.name != "sqlite":
+            return value
+        return int(value * 100)
+
+    def process_result_value(self, value, dialect):
+        if value is None or dialect.name != "sqlite":
+            return value
+        return Decimal(value).scaleb(-2)
+
+
+class UTCDateTime(TypeDecorator):
+    """Timezone-aware UTC timestamps on every database, microseconds included."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect):
+        # MySQL's DATETIME drops microseconds unless asked for 6 digits.
+        return mysql.DATETIME(fsp=6) if dialect.name == "mysql" else self.impl_instance
+
+    def process_bind_param(self, value, dialect):
+        # SQLite and MySQL store no time zone: keep UTC there, without an offset.
+        if value is None or dialect.name == "postgresql":
+            return value
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value, dialect):
+        if value is None:
+            return None
+        return (
+            value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        )
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+# --- Field types shared by the models ---------------------------------------------
+
+
+def reject_nul(text: str) -> str:
+    """Refuse NUL characters, which PostgreSQL cannot store in text."""
+    if "\x00" in text:
+        raise ValueError("must not contain NUL characters")
+    return text
+
+
+def normalize_isbn(value: str) -> str:
+    """Check an ISBN-10 or ISBN-13 and return it as the 13 digits of ISBN-13."""
+    digits = value.replace("-", "").replace(" ", "").upper()
+    if (
+        len(digits) == 10
+        and digits[:9].isdigit()
+        and (digits[9].isdigit() or digits[9] == "X")
+    ):
+        checksum = sum(
+            (10 - i) * (10 if c == "X" else int(c)) for i, c in enumerate(digits)
+        )
+        if checksum % 11:
+            raise ValueError("ISBN-10 check digit is wrong")
+        digits = "978" + digits[:9]
+        return digits + str(
+            -sum(int(c) * (3 if i % 2 else 1) for i, c in enumerate(digits)) % 10
+        )
+    if len(digits) == 13 and digits.isdigit():
+        if sum(int(c) * (3 if i % 2 else 1) for i, c in enumerate(digits)) % 10:
+            raise ValueError("ISBN-13 check digit is wrong")
+        return digits
+    raise ValueError("must be an ISBN-10 or ISBN-13")
+
+
+Text = Annotated[str, AfterValidator(reject_nul)]
+ISBN = Annotated[str, AfterValidator(normalize_isbn)]
+# Decimal, written in JSON as a string with exactly two places: "10.99", "32.97".
+Amount = Annotated[
+    Decimal,
+    PlainSerializer(lambda amount: f"{amount:.2f}", return_type=str, when_used="json"),
+]
+PathId = Annotated[int, Path(ge=1, le=MAX_ID)]
+Price = Annotated[Amount, Field(ge=0, lt=100_000_000, decimal_places=2)]
+Stock = Annotated[int, Field(ge=0, le=MAX_STOCK)]
+
+
+# --- Books ------------------------------------------------------------------------
+
+
+class BookBase(SQLModel):
+    title: Text = Field(min_length=1, max_length=200, index=True)
+    author: Text = Field(min_length=1, max_length=200, index=True)
+    year: int = Field(ge=0, le=2100, description="Year of publication")
+    isbn: ISBN | None = Field(
+        default=None, unique=True, description="ISBN-10 or ISBN-13, stored as ISBN-13"
+    )
+    price: Price = Field(sa_type=Money(10))
+    description: Text | None = Field(default=None, max_length=2000)
+    stock: Stock = Field(default=0, description="Copies on hand")
+
+
+class Book(BookBase, table=True):
+    __table_args__ = (CheckConstraint("stock >= 0", name="stock_not_negative"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class BookCreate(BookBase):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "title": "The Pragmatic Programmer",
+                    "author": "David Thomas, Andrew Hunt",
+                    "year": 2019,
+                    "isbn": "978-0-13-595705-9",
+                    "price": "49.99",
+                    "description": "From journeyman to master.",
+                    "stock": 10,
+                }
+            ]
+        },
+    )
+
+
+class BookPublic(BookBase):
+    id: int
+    created_at: datetime
+    updated_at: datetime
+
+    @computed_field
+    @property
+    def in_stock(self) -> bool:
+        return self.stock > 0
+
+
+class BookUpdate(SQLModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # Each field may be left out, but none may be null unless it is nullable.
+    title: Text = Field(default=None, min_length=1, max_length=200)
+    author: Text = Field(default=None, min_length=1, max_length=200)
+    year: int = Field(default=None, ge=0, le=2100)
+    isbn: ISBN | None = None
+    price: Price = None
+    description: Text | None = Field(default=None, max_length=2000)
+    stock: Stock = None
+
+
+class StockChange(SQLModel):
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"delta": 5}]}
+    )
+
+    delta: int = Field(
+        ge=-MAX_STOCK,
+        le=MAX_STOCK,
+        description="Copies to add (restock) or remove (write-off)",
+    )
+
+    @field_validator("delta")
+    @classmethod
+    def not_zero(cls, delta: int) -> int:
+        if delta == 0:
+            raise ValueError("must not be 0")
+        return delta
+
+
+class StockPublic(SQLModel):
+    book_id: int
+    stock: int
+    in_stock: bool
+
+
+# --- Orders -----------------------------------------------------------------------
+
+
+class OrderStatus(StrEnum):
+    pending = "pending"
+    confirmed = "confirmed"
+    processing = "processing"
+    shipped = "shipped"
+    delivered = "delivered"
+    cancelled = "cancelled"
+
+
+NEXT_STATUSES = {
+    OrderStatus.pending: [OrderStatus.confirmed, OrderStatus.cancelled],
+    OrderStatus.confirmed: [OrderStatus.processing, OrderStatus.cancelled],
+    OrderStatus.processing: [OrderStatus.shipped, OrderStatus.cancelled],
+    OrderStatus.shipped: [OrderStatus.delivered],
+    OrderStatus.delivered: [],
+    OrderStatus.cancelled: [],
+}
+
+
+class OrderItemBase(SQLModel):
+    book_id: int = Field(foreign_key="book.id", index=True, ge=1, le=MAX_ID)
+    quantity: int = Field(ge=1, le=1000)
+
+
+class OrderItem(OrderItemBase, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    order_id: int = Field(foreign_key="order.id", index=True)
+    title: str
+    unit_price: Decimal = Field(sa_type=Money(10))
+    line_total: Decimal = Field(sa_type=Money(15))
+
+
+class OrderItemCreate(OrderItemBase):
+    model_config = ConfigDict(extra="forbid")
+
+
+class OrderItemPublic(OrderItemBase):
+    title: str
+    unit_price: Amount
+    line_total: Amount
+
+
+class OrderBase(SQLModel):
+    customer: Text = Field(
+        min_length=1, max_length=200, index=True, description="A name or an e-mail"
+    )
+
+
+class Order(OrderBase, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    status: OrderStatus = Field(
+        default=OrderStatus.pending, sa_type=String(10), index=True
+    )
+    total: Decimal = Field(sa_type=Money(15))
+    idempotency_key: str | None = Field(default=None, max_length=255, unique=True)
+    request_hash: str | None = Field(default=None, max_length=64)
+    created_at: datetime = Field(
+        default_factory=utcnow, sa_type=UTCDateTime, index=True
+    )
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    # selectin: the items of a whole page of orders come in one more query, not one per order.
+    items: list[OrderItem] = Relationship(
+        sa_relationship_kwargs={"lazy": "selectin", "order_by": "OrderItem.id"}
+    )
+
+
+class OrderCreate(OrderBase):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "customer": "ada@example.com",
+                    "items": [{"book_id": 1, "quantity": 2}],
+                }
+            ]
+        },
+    )
+
+    items: list[OrderItemCreate] = Field(min_length=1, max_length=100)
+
+    @field_validator("items")
+    @classmethod
+    def one_line_per_book(cls, items: list[OrderItemCreate]) -> list[OrderItemCreate]:
+        if len({item.book_id for item in items}) < len(items):
+            raise ValueError(
+                "each book may appear only once; raise its quantity instead"
+            )
+        return items
+
+
+class OrderPublic(OrderBase):
+    id: int
+    status: OrderStatus
+    items: list[OrderItemPublic]
+    total: Amount
+    created_at: datetime
+    updated_at: datetime
+
+
+class StatusChange(SQLModel):
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"status": "confirmed"}]}
+    )
+
+    status: OrderStatus
+
+
+class Message(SQLModel):
+    detail: str
+
+
+class Page(SQLModel):
+    offset: int = Field(default=0, ge=0, le=1_000_000)
+    limit: int = Field(default=20, ge=1, le=100)
+
+
+class BookFilter(Page):
+    q: Text | None = Field(
+        default=None,
+        max_length=200,
+        description="Case-insensitive part of the title or author",
+    )
+    author: Text | None = Field(
+        default=None, max_length=200, description="Case-insensitive part of the author"
+    )
+    in_stock: bool | None = None
+    min_price: Price | None = None
+    max_price: Price | None = None
+    year: int | None = Field(default=None, ge=0, le=2100)
+    sort: Literal[
+        "id", "-id", "title", "-title", "author", "-author",
+        "year", "-year", "price", "-price", "created_at", "-created_at",
+    ] = Field(default="id", description="A field, with a leading - for descending order")  # fmt: skip
+
+
+class OrderFilter(Page):
+    status: OrderStatus | None = None
+    customer: Text | None = Field(
+        default=None, max_length=200, description="Exact match"
+    )
+
+
+# --- The session, the app and its plumbing ------------------------------------------
+
+
+def get_session():
+    # expire_on_commit=False: objects stay readable after commit, without a reload query.
+    with Session(engine, expire_on_commit=False) as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+# SQLite lets one transaction write at a time. This process's writers queue here,
+# without holding a thread, instead of sleeping in SQLite's busy handler.
+WriteSessionDep = Annotated[
+    Session,
+    Depends(
+        get_session,
+        scope="function",
+        max_concurrency=1 if engine.dialect.name == "sqlite" else None,
+    ),
+]
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    # Workers that start together race to create the same tables: the loser's
+    # CREATE fails, and its next attempt finds the tables in place.
+    for attempt in range(5):
+        try:
+            SQLModel.metadata.create_all(engine)
+            break
+        except SQLAlchemyError:
+            if attempt == 4:
+                raise
+            await asyncio.sleep(0.5)
+    if ADMIN_TOKEN is None:
+        log.warning(
+            "BOOKSTORE_ADMIN_TOKEN is not set: anyone may change the catalogue and orders (demo mode)"
+        )
+    yield
+
+
+class LimitBodySize:
+    """Answer 413 to a request body over MAX_BODY_BYTES, whether announced by
+    Content-Length or sent in chunks, before it is read into memory."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        too_large = HTTPException(
+            413, f"Request body is larger than {MAX_BODY_BYTES} bytes"
+        )
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if int(dict(scope["headers"]).get(b"content-length", 0)) > MAX_BODY_BYTES:
+            response = JSONResponse({"detail": too_large.detail}, too_large.status_code)
+            return await response(scope, receive, send)
+        received = 0
+
+        async def receive_limited():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > MAX_BODY_BYTES:
+                raise too_large  # FastAPI turns it into the 413 answer
+            return message
+
+        await self.app(scope, receive_limited, send)
+
+
+class SameWithTrailingSlash:
+    """Route /books/ as /books, answering directly instead of with a 307 redirect."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if len(path) > 1 and path.endswith("/"):
+            scope = {**scope, "path": path.rstrip("/") or "/"}
+        await self.app(scope, receive, send)
+
+
+def answers(*status_codes: int) -> dict:
+    """The OpenAPI entries of a route's error answers; each body is {"detail": "..."}."""
+    return {
+        code: {"model": Message, "description": HTTPStatus(code).phrase}
+        for code in status_codes
+    }
+
+
+app = FastAPI(
+    title="BookStore",
+    version="1.0.0",
+    description="A book catalogue, its stock and its orders.",
+    lifespan=lifespan,
+    responses=answers(413),
+)
+app.add_middleware(LimitBodySize)
+app.add_middleware(SameWithTrailingSlash)
+
+
+@app.exception_handler(RequestValidationError)
+async def validation_error(request, exc: RequestValidationError):
+    """FastAPI's 422 answer, without echoing the input back: JSON cannot carry
+    some inputs (NaN, 1e400, unpaired surrogates), and FastAPI's own answer fails on them."""
+    errors = [
+        {"type": e["type"], "loc": e["loc"], "msg": e["msg"]} for e in exc.errors()
+    ]
+    return JSONResponse({"detail": errors}, 422)
+
+
+bearer = HTTPBearer(
+    auto_error=False, description="The BOOKSTORE_ADMIN_TOKEN of the service"
+)
+
+
+async def require_admin(
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> None:
+    """Let the request through if the service has no admin token or was sent the right one."""
+    if ADMIN_TOKEN is None:
+        return
+    token = credentials.credentials if credentials else ""
+    # compare_digest takes as long for a wrong first character as for a wrong last one.
+    if not secrets.compare_digest(token.encode(), ADMIN_TOKEN.encode()):
+        raise HTTPException(
+            401, "Missing or wrong admin token", headers={"WWW-Authenticate": "Bearer"}
+        )
+
+
+AdminOnly = [Depends(require_admin)]
+
+
+# --- Service ----------------------------------------------------------------------
+
+
+@app.get("/")
+async def root():
+    return {"name": app.title, "version": app.version, "docs": "/docs"}
+
+
+@app.get("/health", responses=answers(503))
+def health(session: SessionDep):
+    try:
+        session.exec(select(1)).one()
+    except SQLAlchemyError:
+        raise HTTPException(503, "Database unavailable") from None
+    return {"status": "ok"}
+
+
+# --- Books ------------------------------------------------------------------------
+
+
+def get_book_or_404(session: Session, book_id: int) -> Book:
+    book = session.get(Book, book_id)
+    if book is None:
+        raise HTTPException(404, f"Book {book_id} not found")
+    return book
+
+
+def save_book(session: Session, book: Book) -> Book:
+    """Commit `book`; a second book with the same ISBN is a 409, not a 500."""
+    session.add(book)
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        raise HTTPException(
+            409, f"A book with ISBN {book.isbn} already exists"
+        ) from None
+    return book
+
+
+@app.post(
+    "/books",
+    status_code=201,
+    response_model=BookPublic,
+    dependencies=AdminOnly,
+    responses=answers(400, 401, 409),
+)
+def create_book(book: BookCreate, session: WriteSessionDep, response: Response):
+    db_book = save_book(session, Book.model_validate(book))
+    response.headers["Location"] = f"/books/{db_book.id}"
+    return db_book
+
+
+@app.get("/books", response_model=list[BookPublic])
+def list_books(
+    filters: Annotated[BookFilter, Query()], session: SessionDep, response: Response
+):
+    conditions = []
+    if filters.q is not None:
+        conditions.append(
+            col(Book.title).icontains(filters.q, autoescape=True)
+            | col(Book.author).icontains(filters.q, autoescape=True)
+        )
+    if filters.author is not None:
+        conditions.append(col(Book.author).icontains(filters.author, autoescape=True))
+    if filters.in_stock is not None:
+        conditions.append(
+            col(Book.stock) > 0 if filters.in_stock else col(Book.stock) == 0
+        )
+    if filters.min_price is not None:
+        conditions.append(col(Book.price) >= filters.min_price)
+    if filters.max_price is not None:
+        conditions.append(col(Book.price) <= filters.max_price)
+    if filters.year is not None:
+        conditions.append(col(Book.year) == filters.year)
+    total = session.exec(
+        select(func.count()).select_from(Book).where(*conditions)
+    ).one()
+    response.headers["X-Total-Count"] = str(total)
+    field = col(getattr(Book, filters.sort.lstrip("-")))
+    # Ties are broken by id, in the same direction, so that pages never overlap.
+    order_by = (
+        [field.desc(), col(Book.id).desc()]
+        if filters.sort[0] == "-"
+        else [field, col(Book.id)]
+    )
+    query = select(Book).where(*conditions).order_by(*order_by)
+    return session.exec(query.offset(filters.offset).limit(filters.limit)).all()
+
+
+@app.get("/books/{book_id}", response_model=BookPublic, responses=answers(404))
+def read_book(book_id: PathId, session: SessionDep):
+    return get_book_or_404(session, book_id)
+
+
+@app.patch(
+    "/books/{book_id}",
+    response_model=BookPublic,
+    dependencies=AdminOnly,
+    responses=answers(400, 401, 404, 409),
+)
+@app.put(
+    "/books/{book_id}",
+    response_model=BookPublic,
+    dependencies=AdminOnly,
+    responses=answers(400, 401, 404, 409),
+    description="The same partial update as PATCH.",
+)
+def update_book(book_id: PathId, book: BookUpdate, session: WriteSessionDep):
+    db_book = get_book_or_404(session, book_id)
+    db_book.sqlmodel_update(book.model_dump(exclude_unset=True))
+    db_book.updated_at = utcnow()
+    return save_book(session, db_book)
+
+
+@app.delete(
+    "/books/{book_id}",
+    status_code=204,
+    dependencies=AdminOnly,
+    responses=answers(401, 404, 409),
+)
+def delete_book(book_id: PathId, session: WriteSessionDep):
+    session.delete(get_book_or_404(session, book_id))
+    try:
+        session.commit()
+    except (
+        IntegrityError
+    ):  # the foreign key from order_item: order history is never lost
+        raise HTTPException(
+            409, f"Book {book_id} is in orders and cannot be deleted"
+        ) from None
+
+
+# --- Stock ------------------------------------------------------------------------
+
+
+@app.get("/books/{book_id}/stock", response_model=StockPublic, responses=answers(404))
+def read_stock(book_id: PathId, session: SessionDep):
+    book = get_book_or_404(session, book_id)
+    return StockPublic(book_id=book.id, stock=book.stock, in_stock=book.stock > 0)
+
+
+@app.post(
+    "/books/{book_id}/stock",
+    response_model=StockPublic,
+    dependencies=AdminOnly,
+    responses=answers(400, 401, 404, 409),
+)
+def change_stock(book_id: PathId, change: StockChange, session: WriteSessionDep):
+    # One conditional UPDATE: the database checks and changes the stock in a
+    # single step, so concurrent changes can neither be lost nor go below 0.
+    new_stock = col(Book.stock) + change.delta
+    changed = session.exec(
+        update(Book)
+        .where(col(Book.id) == book_id, new_stock >= 0, new_stock <= MAX_STOCK)
+        .values(stock=new_stock, updated_at=utcnow())
+    ).rowcount
+    book = get_book_or_404(session, book_id)
+    if not changed:
+        raise HTTPException(
+            409,
+            f"Stock of book {book_id} is {book.stock}: a change of {change.delta} "
+            f"would take it outside 0..{MAX_STOCK}",
+        )
+    session.commit()
+    return StockPublic(book_id=book.id, stock=book.stock, in_stock=book.stock > 0)
+
+
+# --- Orders -----------------------------------------------------------------------
+
+
+def find_keyed_order(
+    session: Session, key: str, request_hash: str, response: Response
+) -> Order | None:
+    """The order placed earlier with this Idempotency-Key, if any, answered with 200."""
+    order = session.exec(select(Order).where(Order.idempotency_key == key)).first()
+    if order is None:
+        return None
+    if order.request_hash != request_hash:
+        raise RequestValidationError(
+            [
+                {
+                    "type": "idempotency_key_reused",
+                    "loc": ("header", "Idempotency-Key"),
+                    "msg": "This Idempotency-Key was used with a different request",
+                }
+            ]
+        )
+    response.status_code = 200
+    return order
+
+
+@app.post(
+    "/orders",
+    status_code=201,
+    response_model=OrderPublic,
+    responses=answers(400, 404, 409)
+    | {200: {"model": OrderPublic, "description": "A retry"}},
+)
+def create_order(
+    order_in: OrderCreate,
+    session: WriteSessionDep,
+    response: Response,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            max_length=255,
+            pattern=r"^[\x20-\x7e]+$",
+            description="Retries with the same key get the same order back",
+        ),
+    ] = None,
+):
+    request_hash = hashlib.sha256(order_in.model_dump_json().encode()).hexdigest()
+    if idempotency_key and (
+        order := find_keyed_order(session, idempotency_key, request_hash, response)
+    ):
+        return order
+    now = utcnow()
+    # Books in id order: two orders lock the books they share in the same order, so never deadlock.
+    for item in sorted(order_in.items, key=lambda item: item.book_id):
+        deducted = session.exec(
+            update(Book)
+            .where(col(Book.id) == item.book_id, col(Book.stock) >= item.quantity)
+            .values(stock=col(Book.stock) - item.quantity, updated_at=now)
+        ).rowcount
+        if not deducted:
+            session.rollback()  # puts back what earlier items took
+            book = get_book_or_404(session, item.book_id)
+            raise HTTPException(
+                409,
+                f"Not enough stock for book {book.id} ({book.title}): "
+                f"asked {item.quantity}, available {book.stock}",
+            )
+    book_ids = [item.book_id for item in order_in.items]
+    books = {
+        book.id: book
+        for book in session.exec(select(Book).where(col(Book.id).in_(book_ids)))
+    }
+    items = [
+        OrderItem(
+            book_id=item.book_id,
+            quantity=item.quantity,
+            title=books[item.book_id].title,
+            unit_price=books[item.book_id].price,
+            line_total=books[item.book_id].price * item.quantity,
+        )
+        for item in order_in.items
+    ]
+    order = Order(
+        customer=order_in.customer,
+        items=items,
+        total=sum(item.line_total for item in items),
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(order)
+    try:
+        session.commit()
+    except IntegrityError:
+        if idempotency_key is None:
+            raise
+        # A concurrent request with the same key committed first: its order is the answer.
+        session.rollback()
+        return find_keyed_order(session, idempotency_key, request_hash, response)
+    response.headers["Location"] = f"/orders/{order.id}"
+    return order
+
+
+@app.get(
+    "/orders",
+    response_model=list[OrderPublic],
+    dependencies=AdminOnly,
+    responses=answers(401),
+)
+def list_orders(
+    filters: Annotated[OrderFilter, Query()], session: SessionDep, response: Response
+):
+    conditions = []
+    if filters.status is not None:
+        conditions.append(col(Order.status) == filters.status)
+    if filters.customer is not None:
+        conditions.append(col(Order.customer) == filters.customer)
+    total = session.exec(
+        select(func.count()).select_from(Order).where(*conditions)
+    ).one()
+    response.headers["X-Total-Count"] = str(total)
+    query = (
+        select(Order)
+        .where(*conditions)
+        .order_by(col(Order.created_at).desc(), col(Order.id).desc())
+    )
+    return session.exec(query.offset(filters.offset).limit(filters.limit)).all()
+
+
+def get_order_or_404(session: Session, order_id: int) -> Order:
+    order = session.get(Order, order_id)
+    if order is None:
+        raise HTTPException(404, f"Order {order_id} not found")
+    return order
+
+
+@app.get(
+    "/orders/{order_id}",
+    response_model=OrderPublic,
+    dependencies=AdminOnly,
+    responses=answers(401, 404),
+)
+def read_order(order_id: PathId, session: SessionDep):
+    return get_order_or_404(session, order_id)
+
+
+def move_order(
+    session: Session, order_id: int, new_status: OrderStatus, *, repeat_ok=False
+) -> Order:
+    """Move an order to `new_status`, putting its stock back if that is `cancelled`.
+
+    The move is one conditional UPDATE (WHERE status IN the allowed previous
+    statuses): of two concurrent moves only one can match, so stock comes back once.
+    With `repeat_ok`, an order already in `new_status` is answered as it is.
+    """
+    now = utcnow()
+    previous = [
+        old
+        for old, next_statuses in NEXT_STATUSES.items()
+        if new_status in next_statuses
+    ]
+    moved = session.exec(
+        update(Order)
+        .where(col(Order.id) == order_id, col(Order.status).in_(previous))
+        .values(status=new_status, updated_at=now)
+    ).rowcount
+    order = get_order_or_404(session, order_id)
+    if not moved:
+        if repeat_ok and order.status == new_status:
+            return order
+        allowed = ", ".join(NEXT_STATUSES[order.status]) or "none, it is final"
+        raise HTTPException(
+            409,
+            f"Order {order_id} is {order.status} and cannot become {new_status}; allowed: {allowed}",
+        )
+    if new_status == OrderStatus.cancelled:
+        for item in sorted(order.items, key=lambda item: item.book_id):
+            session.exec(
+                update(Book)
+                .where(col(Book.id) == item.book_id)
+                .values(stock=col(Book.stock) + item.quantity, updated_at=now)
+            )
+    session.commit()
+    return order
+
+
+@app.patch(
+    "/orders/{order_id}/status",
+    response_model=OrderPublic,
+    dependencies=AdminOnly,
+    responses=answers(400, 401, 404, 409),
+)
+def change_order_status(
+    order_id: PathId, change: StatusChange, session: WriteSessionDep
+):
+    return move_order(session, order_id, change.status)
+
+
+@app.delete(
+    "/orders/{order_id}",
+    response_model=OrderPublic,
+    dependencies=AdminOnly,
+    responses=answers(401, 404, 409),
+    description="Cancel the order and put its stock back; an order already cancelled stays as it is.",
+)
+def cancel_order(order_id: PathId, session: WriteSessionDep):
+    return move_order(session, order_id, OrderStatus.cancelled, repeat_ok=True)
