@@ -248,7 +248,10 @@ class BookPublic(BookBase):
 
 
 class BookUpdate(SQLModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"price": "44.99", "stock": 12}]},
+    )
 
     # Each field may be left out, but none may be null unless it is nullable.
     title: Text = Field(default=None, min_length=1, max_length=200)
@@ -613,7 +616,9 @@ def save_book(session: Session, book: Book) -> Book:
     responses=answers(400, 401, 409),
 )
 def create_book(book: BookCreate, session: WriteSessionDep, response: Response):
-    db_book = save_book(session, Book.model_validate(book))
+    now = utcnow()
+    db_book = Book.model_validate(book, update={"created_at": now, "updated_at": now})
+    save_book(session, db_book)
     response.headers["Location"] = f"/books/{db_book.id}"
     return db_book
 
@@ -645,12 +650,13 @@ def list_books(
     ).one()
     response.headers["X-Total-Count"] = str(total)
     field = col(getattr(Book, filters.sort.lstrip("-")))
+    if filters.sort.lstrip("-") in ("title", "author"):
+        field = func.lower(field)  # the same case-insensitive order on every database
     # Ties are broken by id, in the same direction, so that pages never overlap.
-    order_by = (
-        [field.desc(), col(Book.id).desc()]
-        if filters.sort[0] == "-"
-        else [field, col(Book.id)]
-    )
+    if filters.sort.startswith("-"):
+        order_by = [field.desc(), col(Book.id).desc()]
+    else:
+        order_by = [field, col(Book.id)]
     query = select(Book).where(*conditions).order_by(*order_by)
     return session.exec(query.offset(filters.offset).limit(filters.limit)).all()
 

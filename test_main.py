@@ -1,0 +1,1006 @@
+"""The BookStore specification, as tests.
+
+The suite runs on SQLite (in memory) and, when BOOKSTORE_TEST_DATABASES lists
+their URLs (comma-separated), on PostgreSQL and MySQL/MariaDB too; see README.md.
+Every test starts from empty tables.
+"""
+
+import logging
+import os
+import re
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import event
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.pool import StaticPool
+from sqlmodel import Session, SQLModel, select
+
+import main
+from main import Book, Order, OrderItem, app, get_session, make_engine
+
+DATABASE_URLS = ["sqlite://"] + [
+    url for url in os.environ.get("BOOKSTORE_TEST_DATABASES", "").split(",") if url
+]
+
+
+@pytest.fixture(
+    name="engine",
+    scope="session",
+    params=DATABASE_URLS,
+    ids=lambda url: url.split(":")[0],
+)
+def engine_fixture(request):
+    url = request.param
+    if url == "sqlite://":
+        engine = make_engine(url, poolclass=StaticPool)
+    else:
+        engine = make_engine(url)
+    SQLModel.metadata.drop_all(engine)
+    SQLModel.metadata.create_all(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(name="client")
+def client_fixture(engine):
+    with engine.begin() as connection:
+        for table in reversed(SQLModel.metadata.sorted_tables):
+            connection.execute(table.delete())
+
+    def get_session_override():
+        with Session(engine, expire_on_commit=False) as session:
+            yield session
+
+    app.dependency_overrides[get_session] = get_session_override
+    yield TestClient(app)
+    app.dependency_overrides.clear()
+
+
+@pytest.fixture(name="admin_token")
+def admin_token_fixture(monkeypatch):
+    monkeypatch.setattr(main, "ADMIN_TOKEN", "s3cret-token")
+    return "s3cret-token"
+
+
+def fetch(engine, statement):
+    """Rows of the database as it is now, read in a session of their own."""
+    with Session(engine) as session:
+        return session.exec(statement).all()
+
+
+def stock_of(engine, book_id: int) -> int:
+    return fetch(engine, select(Book.stock).where(Book.id == book_id))[0]
+
+
+def count(engine, model) -> int:
+    return len(fetch(engine, select(model)))
+
+
+@contextmanager
+def recorded_queries(engine):
+    statements = []
+
+    def record(connection, cursor, statement, *args):
+        statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield statements
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+
+
+BOOK = {
+    "title": "Dune",
+    "author": "Frank Herbert",
+    "year": 1965,
+    "price": "10.99",
+    "stock": 10,
+}
+
+
+def create_book(client, **fields) -> dict:
+    response = client.post("/books", json=BOOK | fields)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def place_order(client, *lines, customer="ada@example.com", **kwargs):
+    items = [{"book_id": book_id, "quantity": quantity} for book_id, quantity in lines]
+    return client.post("/orders", json={"customer": customer, "items": items}, **kwargs)
+
+
+def assert_utc(timestamp: str) -> datetime:
+    assert re.fullmatch(
+        r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?(Z|\+00:00)", timestamp
+    )
+    moment = datetime.fromisoformat(timestamp)
+    assert moment.utcoffset() == timedelta(0)
+    return moment
+
+
+def assert_detail(response, status_code: int, pattern: str):
+    assert response.status_code == status_code, response.text
+    assert re.search(pattern, response.json()["detail"]), response.json()
+
+
+def error_locations(response) -> list[list]:
+    assert response.status_code == 422, response.text
+    return [error["loc"] for error in response.json()["detail"]]
+
+
+# --- Service ------------------------------------------------------------------------
+
+
+def test_root_names_the_service_and_points_to_the_docs(client):
+    response = client.get("/")
+    assert response.status_code == 200
+    assert response.json() == {"name": "BookStore", "version": "1.0.0", "docs": "/docs"}
+
+
+def test_health_makes_a_database_round_trip(client, engine):
+    with recorded_queries(engine) as statements:
+        response = client.get("/health")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+    assert len(statements) == 1
+
+
+def test_health_is_503_when_the_database_cannot_be_reached(client):
+    unreachable = make_engine("sqlite:////nonexistent/directory/bookstore.db")
+
+    def get_unreachable_session():
+        with Session(unreachable) as session:
+            yield session
+
+    app.dependency_overrides[get_session] = get_unreachable_session
+    response = client.get("/health")
+    assert response.status_code == 503
+    assert response.json() == {"detail": "Database unavailable"}
+
+
+def test_docs_and_schema_are_served(client):
+    assert client.get("/docs").status_code == 200
+    assert client.get("/openapi.json").status_code == 200
+
+
+def test_schema_declares_every_route_and_error_answer(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    expected = {
+        ("/books", "post"): {"201", "400", "401", "409", "413", "422"},
+        ("/books", "get"): {"200", "413", "422"},
+        ("/books/{book_id}", "get"): {"200", "404", "413", "422"},
+        ("/books/{book_id}", "patch"): {
+            "200",
+            "400",
+            "401",
+            "404",
+            "409",
+            "413",
+            "422",
+        },
+        ("/books/{book_id}", "put"): {"200", "400", "401", "404", "409", "413", "422"},
+        ("/books/{book_id}", "delete"): {"204", "401", "404", "409", "413", "422"},
+        ("/books/{book_id}/stock", "get"): {"200", "404", "413", "422"},
+        ("/books/{book_id}/stock", "post"): {
+            "200",
+            "400",
+            "401",
+            "404",
+            "409",
+            "413",
+            "422",
+        },
+        ("/orders", "post"): {"200", "201", "400", "404", "409", "413", "422"},
+        ("/orders", "get"): {"200", "401", "413", "422"},
+        ("/orders/{order_id}", "get"): {"200", "401", "404", "413", "422"},
+        ("/orders/{order_id}", "delete"): {"200", "401", "404", "409", "413", "422"},
+        ("/orders/{order_id}/status", "patch"): {
+            "200",
+            "400",
+            "401",
+            "404",
+            "409",
+            "413",
+            "422",
+        },
+        ("/health", "get"): {"200", "413", "503"},
+        ("/", "get"): {"200", "413"},
+    }
+    declared = {(path, method) for path, methods in paths.items() for method in methods}
+    assert declared == set(expected)
+    for (path, method), codes in expected.items():
+        operation = paths[path][method]
+        assert set(operation["responses"]) == codes, (path, method)
+        for code in codes - {"200", "201", "204", "422"}:
+            schema = operation["responses"][code]["content"]["application/json"][
+                "schema"
+            ]
+            assert schema == {"$ref": "#/components/schemas/Message"}
+        if "requestBody" in operation:
+            body = operation["requestBody"]["content"]["application/json"]["schema"]
+            name = body["$ref"].split("/")[-1]
+            assert client.get("/openapi.json").json()["components"]["schemas"][name][
+                "examples"
+            ]
+
+
+def test_schema_examples_are_valid_requests(client):
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    book = create_book(client)
+    assert (
+        client.post("/books", json=schemas["BookCreate"]["examples"][0]).status_code
+        == 201
+    )
+    order = schemas["OrderCreate"]["examples"][0]
+    order["items"][0]["book_id"] = book["id"]
+    assert client.post("/orders", json=order).status_code == 201
+    stock = schemas["StockChange"]["examples"][0]
+    assert client.post(f"/books/{book['id']}/stock", json=stock).status_code == 200
+
+
+# --- Books --------------------------------------------------------------------------
+
+
+def test_create_book(client, engine):
+    response = client.post("/books", json=BOOK | {"isbn": "978-0-441-17271-9"})
+    assert response.status_code == 201
+    book = response.json()
+    assert response.headers["location"] == f"/books/{book['id']}"
+    assert book == BOOK | {
+        "id": book["id"],
+        "isbn": "9780441172719",
+        "description": None,
+        "in_stock": True,
+        "created_at": book["created_at"],
+        "updated_at": book["updated_at"],
+    }
+    assert assert_utc(book["created_at"]) == assert_utc(book["updated_at"])
+    [stored] = fetch(engine, select(Book))
+    assert (stored.title, str(stored.price), stored.stock) == ("Dune", "10.99", 10)
+    assert stored.created_at.isoformat().replace("+00:00", "Z") == book["created_at"]
+
+
+def test_create_book_defaults_to_no_stock(client):
+    response = client.post(
+        "/books", json={k: v for k, v in BOOK.items() if k != "stock"}
+    )
+    assert response.status_code == 201
+    assert (response.json()["stock"], response.json()["in_stock"]) == (0, False)
+
+
+@pytest.mark.parametrize("price", ["10.99", 10.99, "10.990", 11, "0", "99999999.99"])
+def test_price_is_exact_and_written_with_two_places(client, price):
+    assert create_book(client, price=price)["price"] == f"{Decimal(str(price)):.2f}"
+
+
+def test_collections_answer_with_and_without_trailing_slash(client):
+    created = client.post("/books/", json=BOOK)
+    assert created.status_code == 201
+    for path in ("/books", "/books/"):
+        response = client.get(path, follow_redirects=False)
+        assert response.status_code == 200
+        assert [book["id"] for book in response.json()] == [created.json()["id"]]
+    order = client.post(
+        "/orders/",
+        json={
+            "customer": "x",
+            "items": [{"book_id": created.json()["id"], "quantity": 1}],
+        },
+    )
+    assert order.status_code == 201
+    assert client.get("/orders/", follow_redirects=False).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "fields, field",
+    [
+        ({"title": ""}, "title"),
+        ({"title": "x" * 201}, "title"),
+        ({"author": ""}, "author"),
+        ({"year": -1}, "year"),
+        ({"year": 2101}, "year"),
+        ({"year": "nineteen"}, "year"),
+        ({"price": -1}, "price"),
+        ({"price": "1.999"}, "price"),
+        ({"price": 100_000_000}, "price"),
+        ({"price": "ten"}, "price"),
+        ({"description": "x" * 2001}, "description"),
+        ({"stock": -1}, "stock"),
+        ({"stock": 1_000_000_001}, "stock"),
+        ({"isbn": "978-0-441-17271-8"}, "isbn"),
+        ({"isbn": "0-441-17271-8"}, "isbn"),
+        ({"isbn": "12345"}, "isbn"),
+        ({"prise": "9.99"}, "prise"),
+        ({"in_stock": True}, "in_stock"),
+        ({"id": 5}, "id"),
+        ({"title": None}, "title"),
+    ],
+)
+def test_create_book_refuses_bad_fields(client, engine, fields, field):
+    response = client.post("/books", json=BOOK | fields)
+    assert ["body", field] in error_locations(response)
+    assert count(engine, Book) == 0
+
+
+def test_isbn_10_is_stored_as_isbn_13_and_is_the_same_book(client, engine):
+    book = create_book(client, isbn="0-306-40615-2")
+    assert book["isbn"] == "9780306406157"
+    assert create_book(client, isbn="080442957X")["isbn"] == "9780804429573"
+    duplicate = client.post("/books", json=BOOK | {"isbn": "978 0 306 40615 7"})
+    assert_detail(duplicate, 409, "ISBN 9780306406157 already exists")
+    assert count(engine, Book) == 2
+
+
+def test_read_book(client):
+    book = create_book(client)
+    response = client.get(f"/books/{book['id']}")
+    assert response.status_code == 200
+    assert response.json() == book
+
+
+def test_read_missing_book_is_404(client):
+    assert client.get("/books/42").json() == {"detail": "Book 42 not found"}
+    assert client.get("/books/42").status_code == 404
+
+
+@pytest.mark.parametrize("book_id", ["0", "-1", "2147483648", str(10**30), "abc"])
+def test_ids_out_of_range_are_422(client, book_id):
+    for method, path in [
+        ("get", "/books/{}"),
+        ("get", "/books/{}/stock"),
+        ("delete", "/orders/{}"),
+    ]:
+        response = client.request(method, path.format(book_id))
+        assert error_locations(response)[0][0] == "path"
+
+
+# --- Listing books ------------------------------------------------------------------
+
+
+@pytest.fixture(name="shelf")
+def shelf_fixture(client):
+    """Five books to list, filter and sort."""
+    rows = [
+        ("Dune", "Frank Herbert", 1965, "10.99", 10),
+        ("Emma", "Jane Austen", 1815, "5.00", 0),
+        ("100% Pure_Code", "Ann Smith", 2020, "29.50", 3),
+        ("Persuasion", "jane austen", 1817, "5.00", 1),
+        ("The Hobbit", "Tolkien, J. R. R.", 1937, "12.00", 0),
+    ]
+    return [
+        create_book(client, title=t, author=a, year=y, price=p, stock=s)
+        for t, a, y, p, s in rows
+    ]
+
+
+def titles(response) -> list[str]:
+    assert response.status_code == 200, response.text
+    return [book["title"] for book in response.json()]
+
+
+def test_list_books_pages_in_id_order_with_a_total(client, shelf):
+    response = client.get("/books", params={"offset": 1, "limit": 2})
+    assert titles(response) == ["Emma", "100% Pure_Code"]
+    assert response.headers["x-total-count"] == "5"
+    assert len(client.get("/books").json()) == 5
+
+
+def test_list_books_default_limit_is_20(client):
+    for n in range(21):
+        create_book(client, title=f"Book {n}")
+    response = client.get("/books")
+    assert len(response.json()) == 20
+    assert response.headers["x-total-count"] == "21"
+
+
+@pytest.mark.parametrize(
+    "params, expected",
+    [
+        ({"q": "JANE"}, ["Emma", "Persuasion"]),
+        ({"q": "hobbit"}, ["The Hobbit"]),
+        ({"q": "%"}, ["100% Pure_Code"]),
+        ({"q": "_"}, ["100% Pure_Code"]),
+        ({"author": "AUSTEN"}, ["Emma", "Persuasion"]),
+        ({"author": "dune"}, []),
+        ({"in_stock": True}, ["Dune", "100% Pure_Code", "Persuasion"]),
+        ({"in_stock": False}, ["Emma", "The Hobbit"]),
+        ({"min_price": "10.99"}, ["Dune", "100% Pure_Code", "The Hobbit"]),
+        ({"max_price": 5}, ["Emma", "Persuasion"]),
+        (
+            {"min_price": "5.00", "max_price": "12"},
+            ["Dune", "Emma", "Persuasion", "The Hobbit"],
+        ),
+        ({"year": 1815}, ["Emma"]),
+        ({"q": "e", "in_stock": True, "max_price": 11}, ["Dune", "Persuasion"]),
+    ],
+)
+def test_list_books_filters(client, shelf, params, expected):
+    response = client.get("/books", params=params)
+    assert titles(response) == expected
+    assert response.headers["x-total-count"] == str(len(expected))
+
+
+@pytest.mark.parametrize(
+    "sort, expected",
+    [
+        ("id", ["Dune", "Emma", "100% Pure_Code", "Persuasion", "The Hobbit"]),
+        ("-id", ["The Hobbit", "Persuasion", "100% Pure_Code", "Emma", "Dune"]),
+        ("title", ["100% Pure_Code", "Dune", "Emma", "Persuasion", "The Hobbit"]),
+        ("-year", ["100% Pure_Code", "Dune", "The Hobbit", "Persuasion", "Emma"]),
+        ("price", ["Emma", "Persuasion", "Dune", "The Hobbit", "100% Pure_Code"]),
+        ("-price", ["100% Pure_Code", "The Hobbit", "Dune", "Persuasion", "Emma"]),
+        ("created_at", ["Dune", "Emma", "100% Pure_Code", "Persuasion", "The Hobbit"]),
+        ("-created_at", ["The Hobbit", "Persuasion", "100% Pure_Code", "Emma", "Dune"]),
+        ("author", ["100% Pure_Code", "Dune", "Emma", "Persuasion", "The Hobbit"]),
+        ("-author", ["The Hobbit", "Persuasion", "Emma", "Dune", "100% Pure_Code"]),
+        ("-title", ["The Hobbit", "Persuasion", "Emma", "Dune", "100% Pure_Code"]),
+    ],
+)
+def test_list_books_sorts_with_ties_broken_by_id(client, shelf, sort, expected):
+    assert titles(client.get("/books", params={"sort": sort})) == expected
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"sort": "isbn"},
+        {"sort": "--id"},
+        {"offset": -1},
+        {"offset": 1_000_001},
+        {"limit": 0},
+        {"limit": 101},
+        {"limit": 10**30},
+        {"in_stock": "maybe"},
+        {"min_price": "NaN"},
+        {"max_price": "1e400"},
+        {"year": 2101},
+        {"q": "x" * 201},
+        {"q": "a\x00b"},
+    ],
+)
+def test_list_books_refuses_bad_parameters(client, params):
+    assert error_locations(client.get("/books", params=params)) == [["query", *params]]
+
+
+# --- Changing and deleting books -----------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["patch", "put"])
+def test_update_book_changes_only_the_fields_sent(client, engine, method):
+    book = create_book(client, description="Spice.")
+    response = client.request(
+        method, f"/books/{book['id']}", json={"price": "12.50", "description": None}
+    )
+    assert response.status_code == 200
+    updated = response.json()
+    assert updated == book | {
+        "price": "12.50",
+        "description": None,
+        "updated_at": updated["updated_at"],
+    }
+    assert assert_utc(updated["updated_at"]) > assert_utc(book["updated_at"])
+    [stored] = fetch(engine, select(Book))
+    assert (str(stored.price), stored.description, stored.title) == (
+        "12.50",
+        None,
+        "Dune",
+    )
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"title": None},
+        {"price": None},
+        {"stock": None},
+        {"year": None},
+        {"prise": 1},
+        {"in_stock": False},
+        {"title": ""},
+    ],
+)
+def test_update_book_refuses_bad_fields(client, engine, fields):
+    book = create_book(client)
+    response = client.patch(f"/books/{book['id']}", json=fields)
+    assert error_locations(response) == [["body", *fields]]
+    assert client.get(f"/books/{book['id']}").json() == book
+
+
+def test_update_missing_book_is_404(client):
+    assert_detail(
+        client.patch("/books/7", json={"title": "X"}), 404, "^Book 7 not found$"
+    )
+
+
+def test_update_book_to_a_taken_isbn_is_409(client, engine):
+    create_book(client, isbn="9780306406157")
+    other = create_book(client, isbn=None)
+    response = client.patch(f"/books/{other['id']}", json={"isbn": "0306406152"})
+    assert_detail(response, 409, "already exists")
+    assert client.get(f"/books/{other['id']}").json()["isbn"] is None
+
+
+def test_delete_book(client, engine):
+    book = create_book(client)
+    response = client.delete(f"/books/{book['id']}")
+    assert response.status_code == 204
+    assert response.content == b""
+    assert count(engine, Book) == 0
+    assert client.delete(f"/books/{book['id']}").status_code == 404
+
+
+def test_a_book_with_orders_cannot_be_deleted(client, engine):
+    book = create_book(client)
+    assert place_order(client, (book["id"], 1)).status_code == 201
+    assert_detail(client.delete(f"/books/{book['id']}"), 409, "in orders")
+    assert count(engine, Book) == 1
+
+
+# --- Stock --------------------------------------------------------------------------
+
+
+def test_read_stock(client):
+    book = create_book(client, stock=3)
+    response = client.get(f"/books/{book['id']}/stock")
+    assert response.status_code == 200
+    assert response.json() == {"book_id": book["id"], "stock": 3, "in_stock": True}
+    assert_detail(client.get("/books/99/stock"), 404, "^Book 99 not found$")
+
+
+def test_restock_and_write_off(client, engine):
+    book = create_book(client, stock=3)
+    path = f"/books/{book['id']}/stock"
+    assert client.post(path, json={"delta": 5}).json() == {
+        "book_id": book["id"],
+        "stock": 8,
+        "in_stock": True,
+    }
+    assert client.post(path, json={"delta": -8}).json() == {
+        "book_id": book["id"],
+        "stock": 0,
+        "in_stock": False,
+    }
+    assert stock_of(engine, book["id"]) == 0
+    assert client.get(f"/books/{book['id']}").json()["updated_at"] > book["updated_at"]
+
+
+@pytest.mark.parametrize(
+    "start, delta", [(3, -4), (999_999_999, 2), (0, -1_000_000_000)]
+)
+def test_stock_cannot_leave_its_range(client, engine, start, delta):
+    book = create_book(client, stock=start)
+    response = client.post(f"/books/{book['id']}/stock", json={"delta": delta})
+    assert_detail(response, 409, f"is {start}: a change of {delta}")
+    assert stock_of(engine, book["id"]) == start
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"delta": 0},
+        {"delta": 1_000_000_001},
+        {"delta": -1_000_000_001},
+        {"delta": 1.5},
+        {"delta": None},
+        {},
+        {"delta": 1, "x": 1},
+    ],
+)
+def test_stock_change_refuses_bad_bodies(client, engine, body):
+    book = create_book(client, stock=3)
+    assert (
+        error_locations(client.post(f"/books/{book['id']}/stock", json=body))[0][0]
+        == "body"
+    )
+    assert stock_of(engine, book["id"]) == 3
+
+
+def test_stock_change_of_a_missing_book_is_404(client):
+    assert_detail(
+        client.post("/books/5/stock", json={"delta": 1}), 404, "^Book 5 not found$"
+    )
+
+
+# --- Orders -------------------------------------------------------------------------
+
+
+def test_place_order(client, engine):
+    dune = create_book(client)
+    emma = create_book(client, title="Emma", price="5.00", stock=2)
+    response = place_order(client, (dune["id"], 3), (emma["id"], 2))
+    assert response.status_code == 201
+    order = response.json()
+    assert response.headers["location"] == f"/orders/{order['id']}"
+    assert order == {
+        "id": order["id"],
+        "customer": "ada@example.com",
+        "status": "pending",
+        "items": [
+            {
+                "book_id": dune["id"],
+                "title": "Dune",
+                "quantity": 3,
+                "unit_price": "10.99",
+                "line_total": "32.97",
+            },
+            {
+                "book_id": emma["id"],
+                "title": "Emma",
+                "quantity": 2,
+                "unit_price": "5.00",
+                "line_total": "10.00",
+            },
+        ],
+        "total": "42.97",
+        "created_at": order["created_at"],
+        "updated_at": order["updated_at"],
+    }
+    assert_utc(order["created_at"])
+    assert (stock_of(engine, dune["id"]), stock_of(engine, emma["id"])) == (7, 0)
+    [stored] = fetch(engine, select(Order))
+    assert (stored.status, str(stored.total)) == ("pending", "42.97")
+
+
+def test_an_order_keeps_the_title_and_price_it_was_placed_at(client):
+    book = create_book(client)
+    order = place_order(client, (book["id"], 1)).json()
+    client.patch(
+        f"/books/{book['id']}", json={"title": "Dune (new edition)", "price": "20.00"}
+    )
+    [item] = client.get(f"/orders/{order['id']}").json()["items"]
+    assert (item["title"], item["unit_price"]) == ("Dune", "10.99")
+
+
+def test_order_for_an_unknown_book_is_404_and_moves_no_stock(client, engine):
+    book = create_book(client)
+    response = place_order(client, (book["id"], 2), (999, 1))
+    assert_detail(response, 404, "^Book 999 not found$")
+    assert stock_of(engine, book["id"]) == 10
+    assert count(engine, Order) == 0
+
+
+def test_order_beyond_stock_is_409_and_moves_no_stock(client, engine):
+    first = create_book(client, stock=5)
+    second = create_book(client, title="Emma", stock=1)
+    response = place_order(client, (first["id"], 2), (second["id"], 3))
+    assert_detail(response, 409, rf"book {second['id']} \(Emma\): asked 3, available 1")
+    assert (stock_of(engine, first["id"]), stock_of(engine, second["id"])) == (5, 1)
+    assert (count(engine, Order), count(engine, OrderItem)) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"customer": "x", "items": []},
+        {"customer": "x", "items": [{"book_id": 1, "quantity": 1}] * 2},
+        {
+            "customer": "x",
+            "items": [{"book_id": n, "quantity": 1} for n in range(1, 102)],
+        },
+        {"customer": "x", "items": [{"book_id": 1, "quantity": 0}]},
+        {"customer": "x", "items": [{"book_id": 1, "quantity": 1001}]},
+        {"customer": "x", "items": [{"book_id": 0, "quantity": 1}]},
+        {"customer": "x", "items": [{"book_id": 2**31, "quantity": 1}]},
+        {"customer": "x", "items": [{"book_id": 1, "quantity": 1, "price": "0.01"}]},
+        {"customer": "", "items": [{"book_id": 1, "quantity": 1}]},
+        {"customer": "x" * 201, "items": [{"book_id": 1, "quantity": 1}]},
+        {"items": [{"book_id": 1, "quantity": 1}]},
+        {
+            "customer": "x",
+            "items": [{"book_id": 1, "quantity": 1}],
+            "status": "delivered",
+        },
+    ],
+)
+def test_order_refuses_bad_bodies(client, engine, body):
+    book = create_book(client)
+    body = {
+        **body,
+        "items": [
+            {**item, "book_id": item["book_id"] if item["book_id"] != 1 else book["id"]}
+            for item in body["items"]
+        ],
+    }
+    assert error_locations(client.post("/orders", json=body))[0][0] == "body"
+    assert stock_of(engine, book["id"]) == 10
+    assert count(engine, Order) == 0
+
+
+def test_read_order(client):
+    book = create_book(client)
+    order = place_order(client, (book["id"], 1)).json()
+    response = client.get(f"/orders/{order['id']}")
+    assert response.status_code == 200
+    assert response.json() == order
+    assert_detail(client.get("/orders/77"), 404, "^Order 77 not found$")
+
+
+def test_list_orders_newest_first_with_filters(client):
+    book = create_book(client, stock=100)
+    ids = [
+        place_order(client, (book["id"], 1), customer=name).json()["id"]
+        for name in ["ann", "bob", "ann", "Ann"]
+    ]
+    client.patch(f"/orders/{ids[1]}/status", json={"status": "confirmed"})
+    response = client.get("/orders")
+    assert [order["id"] for order in response.json()] == ids[::-1]
+    assert response.headers["x-total-count"] == "4"
+    response = client.get("/orders", params={"customer": "ann"})
+    assert [order["id"] for order in response.json()] == [ids[2], ids[0]]
+    assert response.headers["x-total-count"] == "2"
+    response = client.get("/orders", params={"status": "confirmed"})
+    assert [order["id"] for order in response.json()] == [ids[1]]
+    response = client.get("/orders", params={"offset": 1, "limit": 2})
+    assert [order["id"] for order in response.json()] == [ids[2], ids[1]]
+    assert error_locations(client.get("/orders", params={"status": "lost"})) == [
+        ["query", "status"]
+    ]
+
+
+def test_reading_orders_takes_a_fixed_number_of_queries(client, engine):
+    books = [create_book(client, title=f"Book {n}")["id"] for n in range(3)]
+    place_order(client, (books[0], 1))
+    with recorded_queries(engine) as one_order:
+        client.get("/orders")
+    for _ in range(4):
+        place_order(client, *[(book_id, 1) for book_id in books])
+    with recorded_queries(engine) as five_orders:
+        assert len(client.get("/orders").json()) == 5
+    assert len(one_order) == len(five_orders) == 3
+    order_id = client.get("/orders").json()[0]["id"]
+    with recorded_queries(engine) as statements:
+        assert len(client.get(f"/orders/{order_id}").json()["items"]) == 3
+    assert len(statements) == 2
+
+
+# --- Order status -------------------------------------------------------------------
+
+ALLOWED_MOVES = {
+    "pending": ["confirmed", "cancelled"],
+    "confirmed": ["processing", "cancelled"],
+    "processing": ["shipped", "cancelled"],
+    "shipped": ["delivered"],
+    "delivered": [],
+    "cancelled": [],
+}
+PATH_TO = {
+    "pending": [],
+    "confirmed": ["confirmed"],
+    "processing": ["confirmed", "processing"],
+    "shipped": ["confirmed", "processing", "shipped"],
+    "delivered": ["confirmed", "processing", "shipped", "delivered"],
+    "cancelled": ["cancelled"],
+}
+
+
+def order_in_status(client, book_id: int, status: str) -> dict:
+    order = place_order(client, (book_id, 2)).json()
+    for step in PATH_TO[status]:
+        response = client.patch(f"/orders/{order['id']}/status", json={"status": step})
+        assert response.status_code == 200, response.text
+        order = response.json()
+    assert order["status"] == status
+    return order
+
+
+@pytest.mark.parametrize("current", list(ALLOWED_MOVES))
+@pytest.mark.parametrize("target", list(ALLOWED_MOVES))
+def test_status_moves_only_along_the_table(client, engine, current, target):
+    book = create_book(client)
+    order = order_in_status(client, book["id"], current)
+    stock_before = stock_of(engine, book["id"])
+    response = client.patch(f"/orders/{order['id']}/status", json={"status": target})
+    if target in ALLOWED_MOVES[current]:
+        assert response.status_code == 200
+        assert response.json()["status"] == target
+        assert assert_utc(response.json()["updated_at"]) > assert_utc(
+            order["updated_at"]
+        )
+        assert stock_of(engine, book["id"]) == stock_before + (
+            2 if target == "cancelled" else 0
+        )
+    else:
+        allowed = ", ".join(ALLOWED_MOVES[current]) or "none, it is final"
+        assert_detail(
+            response,
+            409,
+            f"is {current} and cannot become {target}; allowed: {allowed}$",
+        )
+        assert client.get(f"/orders/{order['id']}").json() == order
+        assert stock_of(engine, book["id"]) == stock_before
+
+
+def test_status_change_refuses_bad_bodies(client):
+    book = create_book(client)
+    order = place_order(client, (book["id"], 1)).json()
+    for body in [
+        {"status": "lost"},
+        {"status": None},
+        {},
+        {"status": "confirmed", "x": 1},
+    ]:
+        assert (
+            error_locations(client.patch(f"/orders/{order['id']}/status", json=body))[
+                0
+            ][0]
+            == "body"
+        )
+    assert_detail(
+        client.patch("/orders/404/status", json={"status": "confirmed"}),
+        404,
+        "^Order 404 not found$",
+    )
+
+
+def test_delete_cancels_once_and_restores_stock_once(client, engine):
+    book = create_book(client)
+    order = place_order(client, (book["id"], 4)).json()
+    assert stock_of(engine, book["id"]) == 6
+    first = client.delete(f"/orders/{order['id']}")
+    assert first.status_code == 200
+    assert first.json()["status"] == "cancelled"
+    assert stock_of(engine, book["id"]) == 10
+    again = client.delete(f"/orders/{order['id']}")
+    assert again.status_code == 200
+    assert again.json() == first.json()
+    assert stock_of(engine, book["id"]) == 10
+    assert fetch(engine, select(Order.status)) == ["cancelled"]
+
+
+@pytest.mark.parametrize("status", ["shipped", "delivered"])
+def test_shipped_and_delivered_orders_cannot_be_cancelled(client, engine, status):
+    book = create_book(client)
+    order = order_in_status(client, book["id"], status)
+    assert_detail(client.delete(f"/orders/{order['id']}"), 409, f"is {status}")
+    assert stock_of(engine, book["id"]) == 8
+    assert_detail(client.delete("/orders/12345"), 404, "^Order 12345 not found$")
+
+
+# --- Idempotent orders --------------------------------------------------------------
+
+
+def test_a_retried_order_is_placed_once(client, engine):
+    book = create_book(client)
+    headers = {"Idempotency-Key": "order-2026-11-22-0001"}
+    first = place_order(client, (book["id"], 3), headers=headers)
+    assert first.status_code == 201
+    client.patch(f"/orders/{first.json()['id']}/status", json={"status": "confirmed"})
+    retry = place_order(client, (book["id"], 3), headers=headers)
+    assert retry.status_code == 200
+    assert retry.json() == first.json() | {
+        "status": "confirmed",
+        "updated_at": retry.json()["updated_at"],
+    }
+    assert stock_of(engine, book["id"]) == 7
+    assert count(engine, Order) == 1
+
+
+def test_an_idempotency_key_reused_for_another_request_is_422(client, engine):
+    book = create_book(client)
+    headers = {"Idempotency-Key": "key-1"}
+    assert place_order(client, (book["id"], 1), headers=headers).status_code == 201
+    response = place_order(client, (book["id"], 2), headers=headers)
+    assert error_locations(response) == [["header", "Idempotency-Key"]]
+    assert stock_of(engine, book["id"]) == 9
+    assert count(engine, Order) == 1
+
+
+@pytest.mark.parametrize("key", ["", "x" * 256, "caf\u00e9"])
+def test_idempotency_keys_are_1_to_255_printable_ascii_characters(client, engine, key):
+    book = create_book(client)
+    response = place_order(
+        client, (book["id"], 1), headers={"Idempotency-Key": key.encode("utf-8")}
+    )
+    assert error_locations(response) == [["header", "idempotency-key"]]
+    assert count(engine, Order) == 0
+
+
+# --- Admin token --------------------------------------------------------------------
+
+
+def test_without_a_token_the_service_is_open_and_says_so(client, caplog):
+    with caplog.at_level(logging.WARNING, logger="uvicorn.error"), TestClient(app):
+        pass
+    assert "demo mode" in caplog.text
+
+
+# method, path, body, and the answer it gets with the right token
+PROTECTED_ROUTES = [
+    ("post", "/books", BOOK, 201),
+    ("patch", "/books/{book}", {"stock": 20}, 200),
+    ("put", "/books/{book}", {"title": "Dune Messiah"}, 200),
+    ("post", "/books/{book}/stock", {"delta": 1}, 200),
+    ("get", "/orders", None, 200),
+    ("get", "/orders/{order}", None, 200),
+    ("patch", "/orders/{order}/status", {"status": "confirmed"}, 200),
+    ("delete", "/orders/{order}", None, 200),
+    ("delete", "/books/{book}", None, 409),
+]
+PUBLIC_ROUTES = [
+    "/",
+    "/health",
+    "/docs",
+    "/openapi.json",
+    "/books",
+    "/books/{book}",
+    "/books/{book}/stock",
+]
+
+
+def test_with_a_token_only_the_shop_may_change_things(
+    client, engine, admin_token, caplog
+):
+    shop = {"Authorization": f"Bearer {admin_token}"}
+    book = client.post("/books", json=BOOK, headers=shop).json()
+    order = place_order(client, (book["id"], 1))  # customers need no token
+    assert order.status_code == 201
+    ids = {"book": book["id"], "order": order.json()["id"]}
+    refused = [
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": f"Basic {admin_token}"},
+    ]
+    for method, path, body, _ in PROTECTED_ROUTES:
+        for headers in refused:
+            response = client.request(
+                method, path.format(**ids), json=body, headers=headers
+            )
+            assert response.status_code == 401, (method, path, headers)
+            assert response.headers["www-authenticate"] == "Bearer"
+            assert response.json() == {"detail": "Missing or wrong admin token"}
+    assert fetch(engine, select(Book.title, Book.stock)) == [("Dune", 9)]
+    assert fetch(engine, select(Order.status)) == ["pending"]
+    for path in PUBLIC_ROUTES:
+        assert client.get(path.format(**ids)).status_code == 200, path
+    for method, path, body, status_code in PROTECTED_ROUTES:
+        response = client.request(method, path.format(**ids), json=body, headers=shop)
+        assert response.status_code == status_code, (method, path, response.text)
+    assert fetch(engine, select(Order.status)) == ["cancelled"]
+    assert admin_token not in caplog.text
+
+
+def test_with_a_token_the_service_does_not_claim_demo_mode(
+    client, engine, admin_token, caplog, monkeypatch
+):
+    monkeypatch.setattr(main, "engine", engine)
+    with caplog.at_level(logging.INFO), TestClient(app):
+        pass
+    assert "demo mode" not in caplog.text
+    assert admin_token not in caplog.text
+
+
+# --- Start-up -----------------------------------------------------------------------
+
+
+def test_start_up_creates_the_tables_and_retries_a_lost_race(engine, monkeypatch):
+    create_all = SQLModel.metadata.create_all
+    attempts = []
+
+    def create_all_losing_once(bind):
+        attempts.append(bind)
+        if len(attempts) == 1:  # another worker created the tables under our feet
+            raise OperationalError(
+                "CREATE TABLE book", {}, Exception("table book already exists")
+            )
+        create_all(bind)
+
+    monkeypatch.setattr(main, "engine", engine)
+    monkeypatch.setattr(SQLModel.metadata, "create_all", create_all_losing_once)
+    with TestClient(app) as client:
+        assert client.get("/books").status_code == 200
+    assert attempts == [engine, engine]
+
+
+def test_start_up_gives_up_when_the_database_stays_unusable(engine, monkeypatch):
+    def create_all_failing(bind):
+        raise OperationalError("CREATE TABLE book", {}, Exception("disk I/O error"))
+
+    monkeypatch.setattr(main, "engine", engine)
+    monkeypatch.setattr(SQLModel.metadata, "create_all", create_all_failing)
+    with pytest.raises(OperationalError), TestClient(app):
+        pass
