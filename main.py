@@ -110,14 +110,10 @@ class Money(TypeDecorator):
         return BigInteger() if dialect.name == "sqlite" else self.impl_instance
 
     def process_bind_param(self, value, dialect):
-        if value is None or dialect.name != "sqlite":
-            return value
-        return int(value * 100)
+        return int(value * 100) if dialect.name == "sqlite" else value
 
     def process_result_value(self, value, dialect):
-        if value is None or dialect.name != "sqlite":
-            return value
-        return Decimal(value).scaleb(-2)
+        return Decimal(value).scaleb(-2) if dialect.name == "sqlite" else value
 
 
 class UTCDateTime(TypeDecorator):
@@ -128,17 +124,19 @@ class UTCDateTime(TypeDecorator):
 
     def load_dialect_impl(self, dialect):
         # MySQL's DATETIME drops microseconds unless asked for 6 digits.
-        return mysql.DATETIME(fsp=6) if dialect.name == "mysql" else self.impl_instance
+        return (
+            mysql.DATETIME(fsp=6)
+            if dialect.name in ("mysql", "mariadb")
+            else self.impl_instance
+        )
 
     def process_bind_param(self, value, dialect):
         # SQLite and MySQL store no time zone: keep UTC there, without an offset.
-        if value is None or dialect.name == "postgresql":
+        if dialect.name == "postgresql":
             return value
         return value.astimezone(UTC).replace(tzinfo=None)
 
     def process_result_value(self, value, dialect):
-        if value is None:
-            return None
         return (
             value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
         )
@@ -333,9 +331,20 @@ class OrderItemPublic(OrderItemBase):
     line_total: Amount
 
 
+def case_sensitive_text(length: int) -> String:
+    """VARCHAR that compares case-sensitively on every database (MySQL's default does not)."""
+    return String(length).with_variant(
+        mysql.VARCHAR(length, collation="utf8mb4_bin"), "mysql", "mariadb"
+    )
+
+
 class OrderBase(SQLModel):
     customer: Text = Field(
-        min_length=1, max_length=200, index=True, description="A name or an e-mail"
+        min_length=1,
+        max_length=200,
+        index=True,
+        sa_type=case_sensitive_text(200),
+        description="A name or an e-mail",
     )
 
 
@@ -345,7 +354,9 @@ class Order(OrderBase, table=True):
         default=OrderStatus.pending, sa_type=String(10), index=True
     )
     total: Decimal = Field(sa_type=Money(15))
-    idempotency_key: str | None = Field(default=None, max_length=255, unique=True)
+    idempotency_key: str | None = Field(
+        default=None, unique=True, sa_type=case_sensitive_text(255)
+    )
     request_hash: str | None = Field(default=None, max_length=64)
     created_at: datetime = Field(
         default_factory=utcnow, sa_type=UTCDateTime, index=True
@@ -832,9 +843,9 @@ def create_order(
     try:
         session.commit()
     except IntegrityError:
-        if idempotency_key is None:
-            raise
-        # A concurrent request with the same key committed first: its order is the answer.
+        # Stock is locked and checked above: only the key can clash. A concurrent
+        # request with the same key committed first, and its order is the answer.
+        assert idempotency_key, "an IntegrityError without an Idempotency-Key"
         session.rollback()
         return find_keyed_order(session, idempotency_key, request_hash, response)
     response.headers["Location"] = f"/orders/{order.id}"

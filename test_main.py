@@ -8,6 +8,7 @@ Every test starts from empty tables.
 import logging
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -861,6 +862,48 @@ def test_shipped_and_delivered_orders_cannot_be_cancelled(client, engine, status
     assert_detail(client.delete("/orders/12345"), 404, "^Order 12345 not found$")
 
 
+# --- Concurrency (threads) ------------------------------------------------------------
+
+
+def test_concurrent_orders_and_stock_changes_never_oversell(tmp_path):
+    """60 one-copy orders race for 20 copies while restocks and write-offs run."""
+    engine = make_engine(f"sqlite:///{tmp_path}/shop.db")
+    SQLModel.metadata.create_all(engine)
+
+    def get_file_session():
+        with Session(engine, expire_on_commit=False) as session:
+            yield session
+
+    app.dependency_overrides[get_session] = get_file_session
+    try:
+        client = TestClient(
+            app
+        )  # outside `with`: each request runs on its own event loop
+        book = create_book(client, stock=20)
+
+        def attempt(n: int) -> tuple[str, int]:
+            if n % 4 == 3:
+                delta = 1 if n % 8 == 3 else -1
+                path = f"/books/{book['id']}/stock"
+                return f"delta{delta:+}", client.post(
+                    path, json={"delta": delta}
+                ).status_code
+            return "order", place_order(client, (book["id"], 1)).status_code
+
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            results = list(pool.map(attempt, range(80)))
+    finally:
+        app.dependency_overrides.clear()
+    assert {status for _, status in results} <= {200, 201, 409}
+    placed = results.count(("order", 201))
+    restocked = results.count(("delta+1", 200))
+    written_off = results.count(("delta-1", 200))
+    assert placed >= 20
+    assert stock_of(engine, book["id"]) == 20 + restocked - written_off - placed >= 0
+    assert count(engine, Order) == placed
+    engine.dispose()
+
+
 # --- Idempotent orders --------------------------------------------------------------
 
 
@@ -877,6 +920,34 @@ def test_a_retried_order_is_placed_once(client, engine):
         "updated_at": retry.json()["updated_at"],
     }
     assert stock_of(engine, book["id"]) == 7
+    assert count(engine, Order) == 1
+    other_key = place_order(
+        client, (book["id"], 3), headers={"Idempotency-Key": "ORDER-2026-11-22-0001"}
+    )
+    assert other_key.status_code == 201  # keys are case-sensitive
+    assert stock_of(engine, book["id"]) == 4
+
+
+def test_a_retry_that_loses_the_race_gets_the_winning_order(
+    client, engine, monkeypatch
+):
+    book = create_book(client)
+    headers = {"Idempotency-Key": "race"}
+    winner = place_order(client, (book["id"], 2), headers=headers).json()
+    find_keyed_order = main.find_keyed_order
+    lookups = []
+
+    def too_early_at_first(*args):
+        lookups.append(args)
+        return None if len(lookups) == 1 else find_keyed_order(*args)
+
+    # The retry looks for the key before the first request has committed it.
+    monkeypatch.setattr(main, "find_keyed_order", too_early_at_first)
+    retry = place_order(client, (book["id"], 2), headers=headers)
+    assert retry.status_code == 200
+    assert retry.json() == winner
+    assert len(lookups) == 2
+    assert stock_of(engine, book["id"]) == 8
     assert count(engine, Order) == 1
 
 
@@ -898,6 +969,150 @@ def test_idempotency_keys_are_1_to_255_printable_ascii_characters(client, engine
     )
     assert error_locations(response) == [["header", "idempotency-key"]]
     assert count(engine, Order) == 0
+
+
+# --- Hostile input ------------------------------------------------------------------
+
+
+def snapshot(engine) -> list:
+    return [fetch(engine, select(model)) for model in (Book, Order, OrderItem)]
+
+
+JSON_HEADERS = {"Content-Type": "application/json"}
+BIG = str(10**30)
+NESTED = b'{"title": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+BOOK_JSON = b'{"title": "T", "author": "A", "year": 2000, "price": %s}'
+# method, path, raw body (None: no body); {book} and {order} are real ids
+HOSTILE_REQUESTS = [
+    ("post", "/books", BOOK_JSON % b"NaN"),
+    ("post", "/books", BOOK_JSON % b"Infinity"),
+    ("post", "/books", BOOK_JSON % b"-Infinity"),
+    ("post", "/books", BOOK_JSON % b"1e400"),
+    ("post", "/books", BOOK_JSON % BIG.encode()),
+    (
+        "post",
+        "/books",
+        b'{"title": "T", "author": "A", "year": %s, "price": 1}' % BIG.encode(),
+    ),
+    (
+        "post",
+        "/books",
+        b'{"title": "T", "author": "A", "year": 1, "price": 1, "stock": %s}'
+        % BIG.encode(),
+    ),
+    ("post", "/books", b'{"title": "T\\u0000", "author": "A", "year": 1, "price": 1}'),
+    ("post", "/books", b'{"title": "\\ud800", "author": "A", "year": 1, "price": 1}'),
+    (
+        "post",
+        "/books",
+        b'{"title": "T", "\\udfff": 1, "author": "A", "year": 1, "price": 1}',
+    ),
+    ("post", "/books", b'{"title": null, "author": "A", "year": 1, "price": 1}'),
+    ("post", "/books", b'{"title": ["T"], "author": {}, "year": "1", "price": true}'),
+    ("post", "/books", b"[]"),
+    ("post", "/books", b'"book"'),
+    ("post", "/books", b'{"title": "T", '),
+    ("post", "/books", b"\xff\xfe{}"),
+    ("post", "/books", b'{"title": "caf\xe9", "author": "A", "year": 1, "price": 1}'),
+    ("post", "/books", NESTED),
+    ("post", "/books", b""),
+    ("post", "/books", None),
+    ("patch", "/books/{book}", b'{"title": null}'),
+    ("patch", "/books/{book}", b'{"stock": null}'),
+    ("patch", "/books/{book}", b'{"price": NaN}'),
+    ("patch", "/books/{book}", b'{"year": %s}' % BIG.encode()),
+    ("patch", "/books/{book}", b'{"description": "\\u0000"}'),
+    ("patch", "/books/{book}", b"[1, 2]"),
+    ("put", "/books/{book}", b'{"isbn": 9780306406157}'),
+    ("patch", f"/books/{BIG}", b'{"title": "X"}'),
+    ("delete", f"/books/{BIG}", None),
+    ("post", "/books/{book}/stock", b'{"delta": %s}' % BIG.encode()),
+    ("post", "/books/{book}/stock", b'{"delta": NaN}'),
+    ("post", "/books/{book}/stock", b'{"delta": 1e400}'),
+    ("post", "/books/{book}/stock", b'{"delta": "-1e3"}'),
+    (
+        "post",
+        "/orders",
+        b'{"customer": "x", "items": [{"book_id": %s, "quantity": 1}]}' % BIG.encode(),
+    ),
+    (
+        "post",
+        "/orders",
+        b'{"customer": "x", "items": [{"book_id": {book}, "quantity": %s}]}'
+        % BIG.encode(),
+    ),
+    (
+        "post",
+        "/orders",
+        b'{"customer": "x", "items": {"book_id": {book}, "quantity": 1}}',
+    ),
+    (
+        "post",
+        "/orders",
+        b'{"customer": "\\u0000", "items": [{"book_id": {book}, "quantity": 1}]}',
+    ),
+    (
+        "post",
+        "/orders",
+        b'{"customer": "\\ud83d", "items": [{"book_id": {book}, "quantity": 1}]}',
+    ),
+    ("post", "/orders", b'{"customer": null, "items": null}'),
+    ("patch", "/orders/{order}/status", b'{"status": ["cancelled"]}'),
+    ("patch", "/orders/{order}/status", b'{"status": null}'),
+    ("get", f"/orders?offset={BIG}", None),
+    ("get", "/orders?customer=%00", None),
+    ("get", f"/orders/{BIG}", None),
+    ("delete", "/orders/-5", None),
+    ("get", f"/books?year={BIG}", None),
+    ("get", "/books?min_price=Infinity", None),
+    ("get", "/books?author=a%00", None),
+    ("get", f"/books/{BIG}/stock", None),
+]
+
+
+@pytest.mark.parametrize("method, path, body", HOSTILE_REQUESTS)
+def test_hostile_input_gets_a_clear_4xx_and_changes_nothing(
+    client, engine, method, path, body
+):
+    book = create_book(client)
+    order = place_order(client, (book["id"], 1)).json()
+    ids = {"book": str(book["id"]), "order": str(order["id"])}
+    before = snapshot(engine)
+    if body is not None:
+        body = body.replace(b"{book}", ids["book"].encode())
+    response = client.request(
+        method, path.format(**ids), content=body, headers=JSON_HEADERS
+    )
+    assert 400 <= response.status_code < 500, response.text
+    assert response.json()["detail"]
+    assert snapshot(engine) == before
+
+
+def test_a_body_over_1_mib_is_413_whether_announced_or_chunked(client, engine):
+    padding = "x" * (1024 * 1024)
+    announced = client.post(
+        "/books", content=BOOK_JSON % padding.encode(), headers=JSON_HEADERS
+    )
+    assert announced.status_code == 413
+    assert announced.json() == {"detail": "Request body is larger than 1048576 bytes"}
+
+    def chunks():
+        yield b'{"title": "'
+        for _ in range(11):
+            yield b"x" * 100_000
+        yield b'", "author": "A", "year": 1, "price": 1}'
+
+    chunked = client.post("/books", content=chunks(), headers=JSON_HEADERS)
+    assert chunked.status_code == 413
+    assert count(engine, Book) == 0
+    just_fits = {
+        "title": "T",
+        "author": "A",
+        "year": 1,
+        "price": 1,
+        "description": "x" * 2000,
+    }
+    assert client.post("/books", json=just_fits).status_code == 201
 
 
 # --- Admin token --------------------------------------------------------------------
