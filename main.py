@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import re
 import secrets
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -22,8 +23,11 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import (
     AfterValidator,
+    BeforeValidator,
     ConfigDict,
     PlainSerializer,
+    StringConstraints,
+    WithJsonSchema,
     computed_field,
     field_validator,
 )
@@ -50,6 +54,7 @@ from sqlmodel import (
     select,
     update,
 )
+from starlette.routing import Match
 
 # --- Settings -----------------------------------------------------------------
 
@@ -149,13 +154,6 @@ def utcnow() -> datetime:
 # --- Field types shared by the models ---------------------------------------------
 
 
-def reject_nul(text: str) -> str:
-    """Refuse NUL characters, which PostgreSQL cannot store in text."""
-    if "\x00" in text:
-        raise ValueError("must not contain NUL characters")
-    return text
-
-
 def normalize_isbn(value: str) -> str:
     """Check an ISBN-10 or ISBN-13 and return it as the 13 digits of ISBN-13."""
     digits = value.replace("-", "").replace(" ", "").upper()
@@ -180,7 +178,8 @@ def normalize_isbn(value: str) -> str:
     raise ValueError("must be an ISBN-10 or ISBN-13")
 
 
-Text = Annotated[str, AfterValidator(reject_nul)]
+# PostgreSQL cannot store NUL characters in text.
+Text = Annotated[str, StringConstraints(pattern=r"^[^\x00]*$")]
 ISBN = Annotated[str, AfterValidator(normalize_isbn)]
 # Decimal, written in JSON as a string with exactly two places: "10.99", "32.97".
 Amount = Annotated[
@@ -188,7 +187,35 @@ Amount = Annotated[
     PlainSerializer(lambda amount: f"{amount:.2f}", return_type=str, when_used="json"),
 ]
 PathId = Annotated[int, Path(ge=1, le=MAX_ID)]
-Price = Annotated[Amount, Field(ge=0, lt=100_000_000, decimal_places=2)]
+MONEY_STRING = r"^[0-9]{1,8}(\.[0-9]{1,2})?$"
+
+
+def check_money_string(value):
+    """Money comes as a JSON number or as a string that looks like one: "10.99"."""
+    if isinstance(value, str) and not re.match(MONEY_STRING, value):
+        raise ValueError('must look like "10.99": at most 8 digits, 2 decimal places')
+    return value
+
+
+Price = Annotated[
+    Amount,
+    BeforeValidator(check_money_string),
+    Field(ge=0, lt=100_000_000, decimal_places=2),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {
+                    "type": "number",
+                    "minimum": 0,
+                    "exclusiveMaximum": 100_000_000,
+                    "multipleOf": 0.01,
+                },
+                {"type": "string", "pattern": MONEY_STRING},
+            ]
+        },
+        mode="validation",
+    ),
+]
 Stock = Annotated[int, Field(ge=0, le=MAX_STOCK)]
 
 
@@ -269,7 +296,8 @@ class StockChange(SQLModel):
     delta: int = Field(
         ge=-MAX_STOCK,
         le=MAX_STOCK,
-        description="Copies to add (restock) or remove (write-off)",
+        description="Copies to add (restock) or remove (write-off), never 0",
+        schema_extra={"json_schema_extra": {"not": {"const": 0}}},
     )
 
     @field_validator("delta")
@@ -555,6 +583,19 @@ async def validation_error(request, exc: RequestValidationError):
         {"type": e["type"], "loc": e["loc"], "msg": e["msg"]} for e in exc.errors()
     ]
     return JSONResponse({"detail": errors}, 422)
+
+
+@app.exception_handler(405)
+async def method_not_allowed(request, exc: HTTPException):
+    """405 with every method the path has in Allow; Starlette lists only one route's."""
+    methods = {
+        method
+        for route in app.routes
+        if route.matches(request.scope)[0] != Match.NONE
+        for method in route.methods
+    }
+    allow = ", ".join(sorted(methods))
+    return JSONResponse({"detail": exc.detail}, 405, headers={"Allow": allow})
 
 
 bearer = HTTPBearer(

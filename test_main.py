@@ -274,7 +274,7 @@ def test_create_book_defaults_to_no_stock(client):
     assert (response.json()["stock"], response.json()["in_stock"]) == (0, False)
 
 
-@pytest.mark.parametrize("price", ["10.99", 10.99, "10.990", 11, "0", "99999999.99"])
+@pytest.mark.parametrize("price", ["10.99", 10.99, "7.5", 11, 7.50, "0", "99999999.99"])
 def test_price_is_exact_and_written_with_two_places(client, price):
     assert create_book(client, price=price)["price"] == f"{Decimal(str(price)):.2f}"
 
@@ -308,6 +308,10 @@ def test_collections_answer_with_and_without_trailing_slash(client):
         ({"year": "nineteen"}, "year"),
         ({"price": -1}, "price"),
         ({"price": "1.999"}, "price"),
+        ({"price": "10.990"}, "price"),
+        ({"price": "1e2"}, "price"),
+        ({"price": " 5"}, "price"),
+        ({"price": ""}, "price"),
         ({"price": 100_000_000}, "price"),
         ({"price": "ten"}, "price"),
         ({"description": "x" * 2001}, "description"),
