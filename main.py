@@ -26,6 +26,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     PlainSerializer,
+    StrictInt,
     StringConstraints,
     WithJsonSchema,
     computed_field,
@@ -186,13 +187,12 @@ Amount = Annotated[
     Decimal,
     PlainSerializer(lambda amount: f"{amount:.2f}", return_type=str, when_used="json"),
 ]
-PathId = Annotated[int, Path(ge=1, le=MAX_ID)]
 MONEY_STRING = r"^[0-9]{1,8}(\.[0-9]{1,2})?$"
 
 
 def check_money_string(value):
     """Money comes as a JSON number or as a string that looks like one: "10.99"."""
-    if isinstance(value, str) and not re.match(MONEY_STRING, value):
+    if isinstance(value, str) and not re.fullmatch(MONEY_STRING, value):
         raise ValueError('must look like "10.99": at most 8 digits, 2 decimal places')
     return value
 
@@ -216,7 +216,9 @@ Price = Annotated[
         mode="validation",
     ),
 ]
-Stock = Annotated[int, Field(ge=0, le=MAX_STOCK)]
+# Integers in bodies are strict: true, 2.0 and "2" are not numbers of copies.
+Stock = Annotated[StrictInt, Field(ge=0, le=MAX_STOCK)]
+PathId = Annotated[int, Path(ge=1, le=MAX_ID)]
 
 
 # --- Books ------------------------------------------------------------------------
@@ -225,7 +227,7 @@ Stock = Annotated[int, Field(ge=0, le=MAX_STOCK)]
 class BookBase(SQLModel):
     title: Text = Field(min_length=1, max_length=200, index=True)
     author: Text = Field(min_length=1, max_length=200, index=True)
-    year: int = Field(ge=0, le=2100, description="Year of publication")
+    year: StrictInt = Field(ge=0, le=2100, description="Year of publication")
     isbn: ISBN | None = Field(
         default=None, unique=True, description="ISBN-10 or ISBN-13, stored as ISBN-13"
     )
@@ -281,7 +283,7 @@ class BookUpdate(SQLModel):
     # Each field may be left out, but none may be null unless it is nullable.
     title: Text = Field(default=None, min_length=1, max_length=200)
     author: Text = Field(default=None, min_length=1, max_length=200)
-    year: int = Field(default=None, ge=0, le=2100)
+    year: StrictInt = Field(default=None, ge=0, le=2100)
     isbn: ISBN | None = None
     price: Price = None
     description: Text | None = Field(default=None, max_length=2000)
@@ -293,7 +295,7 @@ class StockChange(SQLModel):
         extra="forbid", json_schema_extra={"examples": [{"delta": 5}]}
     )
 
-    delta: int = Field(
+    delta: StrictInt = Field(
         ge=-MAX_STOCK,
         le=MAX_STOCK,
         description="Copies to add (restock) or remove (write-off), never 0",
@@ -337,8 +339,8 @@ NEXT_STATUSES = {
 
 
 class OrderItemBase(SQLModel):
-    book_id: int = Field(foreign_key="book.id", index=True, ge=1, le=MAX_ID)
-    quantity: int = Field(ge=1, le=1000)
+    book_id: StrictInt = Field(foreign_key="book.id", index=True, ge=1, le=MAX_ID)
+    quantity: StrictInt = Field(ge=1, le=1000)
 
 
 class OrderItem(OrderItemBase, table=True):
