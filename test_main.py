@@ -8,11 +8,18 @@ Every test starts from empty tables.
 import logging
 import os
 import re
+import signal
+import socket
+import subprocess
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 
+import httpx2
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import event
@@ -1227,3 +1234,230 @@ def test_start_up_gives_up_when_the_database_stays_unusable(engine, monkeypatch)
     monkeypatch.setattr(SQLModel.metadata, "create_all", create_all_failing)
     with pytest.raises(OperationalError), TestClient(app):
         pass
+
+
+# --- Several worker processes -----------------------------------------------------------
+# These tests start `uvicorn main:app --workers 2` on a free port and drive it with
+# httpx from a thread pool, on each database. Every loop is bounded in count and time.
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(
+    name="database_url", params=DATABASE_URLS, ids=lambda url: url.split(":")[0]
+)
+def database_url_fixture(request, tmp_path):
+    """A database with empty tables for a live service: SQLite in a file, or a server."""
+    if request.param == "sqlite://":
+        return f"sqlite:///{tmp_path}/bookstore.db"
+    engine = make_engine(request.param)
+    SQLModel.metadata.create_all(engine)
+    with engine.begin() as connection:
+        for table in reversed(SQLModel.metadata.sorted_tables):
+            connection.execute(table.delete())
+    engine.dispose()
+    return request.param
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class LiveService:
+    """`uvicorn main:app` in a process group of its own, so that it can be killed whole."""
+
+    def __init__(self, database_url: str, log_path: Path, workers: int = 2, **env):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "main:app",
+            "--port",
+            str(self.port),
+        ]
+        command += ["--workers", str(workers), "--no-access-log"]
+        with open(log_path, "ab") as log:  # the service writes to its own copy
+            self.process = subprocess.Popen(
+                command,
+                cwd=HERE,
+                env=os.environ | {"DATABASE_URL": database_url} | env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx2.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx2.TransportError:
+                time.sleep(0.1)
+        self.stop()
+        raise AssertionError(f"the service did not start: {log_path.read_text()}")
+
+    def stop(self, sig=signal.SIGTERM):
+        os.killpg(self.process.pid, sig)
+        self.process.wait(timeout=30)
+
+
+@contextmanager
+def live_service(database_url: str, tmp_path: Path, **kwargs):
+    service = LiveService(database_url, tmp_path / "service.log", **kwargs)
+    try:
+        yield service
+    finally:
+        if service.process.poll() is None:
+            service.stop()
+
+
+def run_concurrently(calls, threads: int = 16) -> list:
+    """Run every call at once from a thread pool; each has 30 s at most."""
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return [
+            future.result(timeout=60)
+            for future in [pool.submit(call) for call in calls]
+        ]
+
+
+def test_workers_never_oversell(database_url, tmp_path):
+    with (
+        live_service(database_url, tmp_path) as service,
+        httpx2.Client(base_url=service.url, timeout=30) as http,
+    ):
+        book = http.post("/books", json=BOOK | {"stock": 50}).json()
+
+        def order():
+            body = {
+                "customer": "rush@example.com",
+                "items": [{"book_id": book["id"], "quantity": 1}],
+            }
+            return "order", http.post("/orders", json=body).status_code
+
+        def change(delta):
+            return lambda: (
+                f"{delta:+}",
+                http.post(
+                    f"/books/{book['id']}/stock", json={"delta": delta}
+                ).status_code,
+            )
+
+        calls = [order] * 200 + [change(+1)] * 25 + [change(-1)] * 25
+        calls = [call for pair in zip(calls[:125], calls[125:]) for call in pair]
+        started = time.monotonic()
+        results = run_concurrently(calls)
+        elapsed = time.monotonic() - started
+        statuses = [status for _, status in results]
+        assert all(status in (200, 201, 409) for status in statuses), statuses
+        placed = results.count(("order", 201))
+        restocked, written_off = results.count(("+1", 200)), results.count(("-1", 200))
+        stock = http.get(f"/books/{book['id']}/stock").json()["stock"]
+        assert stock == 50 - placed + restocked - written_off >= 0
+        assert placed >= 50 - written_off
+        listed = http.get("/orders", params={"limit": 1})
+        assert listed.headers["x-total-count"] == str(placed)
+    print(
+        f"oversell: {len(calls)} requests in {elapsed:.1f} s, {placed} orders placed, "
+        f"{statuses.count(409)} refused, +{restocked}/-{written_off} stock, 0 5xx"
+    )
+
+
+def test_workers_place_a_retried_order_once(database_url, tmp_path):
+    with (
+        live_service(database_url, tmp_path) as service,
+        httpx2.Client(base_url=service.url, timeout=30) as http,
+    ):
+        book = http.post("/books", json=BOOK | {"stock": 50}).json()
+        body = {
+            "customer": "retry@example.com",
+            "items": [{"book_id": book["id"], "quantity": 3}],
+        }
+        headers = {"Idempotency-Key": "one-click-purchase"}
+        responses = run_concurrently(
+            [lambda: http.post("/orders", json=body, headers=headers)] * 20
+        )
+        assert {response.status_code for response in responses} <= {200, 201, 409}
+        orders = {
+            response.json()["id"]
+            for response in responses
+            if response.status_code != 409
+        }
+        assert len(orders) == 1
+        assert http.get("/orders").headers["x-total-count"] == "1"
+        assert http.get(f"/books/{book['id']}/stock").json()["stock"] == 47
+
+
+def test_workers_cancel_an_order_once(database_url, tmp_path):
+    with (
+        live_service(database_url, tmp_path) as service,
+        httpx2.Client(base_url=service.url, timeout=30) as http,
+    ):
+        book = http.post("/books", json=BOOK | {"stock": 50}).json()
+        body = {
+            "customer": "undecided@example.com",
+            "items": [{"book_id": book["id"], "quantity": 5}],
+        }
+        order = http.post("/orders", json=body).json()
+        responses = run_concurrently(
+            [lambda: http.delete(f"/orders/{order['id']}")] * 20
+        )
+        assert [response.status_code for response in responses] == [200] * 20
+        assert {response.json()["status"] for response in responses} == {"cancelled"}
+        assert http.get(f"/books/{book['id']}/stock").json()["stock"] == 50
+
+
+def test_start_together_on_a_fresh_database(database_url, tmp_path):
+    if not database_url.startswith("sqlite"):
+        engine = make_engine(database_url)
+        SQLModel.metadata.drop_all(engine)
+        engine.dispose()
+    with live_service(database_url, tmp_path, workers=4) as service:
+        assert httpx2.get(f"{service.url}/books").json() == []
+    assert "Traceback" not in (tmp_path / "service.log").read_text()
+
+
+def test_a_killed_service_loses_no_confirmed_order(tmp_path):
+    database_url = f"sqlite:///{tmp_path}/bookstore.db"
+    placed, stop = [], time.monotonic() + 20
+
+    def keep_ordering(http, book_id):
+        body = {
+            "customer": "crash@example.com",
+            "items": [{"book_id": book_id, "quantity": 1}],
+        }
+        while time.monotonic() < stop and len(placed) < 400:
+            try:
+                response = http.post("/orders", json=body)
+            except httpx2.TransportError:
+                return  # the service is gone
+            if response.status_code == 201:
+                placed.append(response.json()["id"])
+
+    with (
+        live_service(database_url, tmp_path) as service,
+        httpx2.Client(base_url=service.url, timeout=10) as http,
+    ):
+        book = http.post("/books", json=BOOK | {"stock": 100_000}).json()
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            for _ in range(8):
+                pool.submit(keep_ordering, http, book["id"])
+            while len(placed) < 100 and time.monotonic() < stop:
+                time.sleep(0.01)
+            service.stop(signal.SIGKILL)  # mid-load, with requests in flight
+    assert len(placed) >= 100
+    with (
+        live_service(database_url, tmp_path) as service,
+        httpx2.Client(base_url=service.url, timeout=10) as http,
+    ):
+        total = int(http.get("/orders", params={"limit": 1}).headers["x-total-count"])
+        for order_id in placed:
+            assert http.get(f"/orders/{order_id}").status_code == 200
+        stock = http.get(f"/books/{book['id']}/stock").json()["stock"]
+    assert total >= len(placed)
+    assert stock == 100_000 - total  # each order that exists took exactly one copy
+    print(
+        f"crash: {len(placed)} orders confirmed before kill -9, {total} found after restart"
+    )
