@@ -14,10 +14,18 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
-from http import HTTPStatus
 from typing import Annotated, Literal
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Response
+from fastapi import (
+    APIRouter,
+    Depends,
+    FastAPI,
+    Header,
+    HTTPException,
+    Path,
+    Query,
+    Response,
+)
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -517,29 +525,23 @@ async def lifespan(app: FastAPI):
 
 
 class LimitBodySize:
-    """Answer 413 to a request body over MAX_BODY_BYTES, whether announced by
-    Content-Length or sent in chunks, before it is read into memory."""
+    """Answer 413 once a request body grows past MAX_BODY_BYTES, whether it was
+    announced by Content-Length or sent in chunks, before more is read."""
 
     def __init__(self, app):
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        too_large = HTTPException(
-            413, f"Request body is larger than {MAX_BODY_BYTES} bytes"
-        )
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        if int(dict(scope["headers"]).get(b"content-length", 0)) > MAX_BODY_BYTES:
-            response = JSONResponse({"detail": too_large.detail}, too_large.status_code)
-            return await response(scope, receive, send)
         received = 0
 
         async def receive_limited():
             nonlocal received
             message = await receive()
             received += len(message.get("body", b""))
-            if received > MAX_BODY_BYTES:
-                raise too_large  # FastAPI turns it into the 413 answer
+            if received > MAX_BODY_BYTES:  # FastAPI answers with this exception
+                raise HTTPException(
+                    413, f"Request body is larger than {MAX_BODY_BYTES} bytes"
+                )
             return message
 
         await self.app(scope, receive_limited, send)
@@ -559,11 +561,8 @@ class SameWithTrailingSlash:
 
 
 def answers(*status_codes: int) -> dict:
-    """The OpenAPI entries of a route's error answers; each body is {"detail": "..."}."""
-    return {
-        code: {"model": Message, "description": HTTPStatus(code).phrase}
-        for code in status_codes
-    }
+    """The OpenAPI entries of error answers: each body is {"detail": "..."}."""
+    return {code: {"model": Message} for code in status_codes}
 
 
 app = FastAPI(
@@ -619,7 +618,8 @@ async def require_admin(
         )
 
 
-AdminOnly = [Depends(require_admin)]
+# Routes that change the catalogue or touch orders: the shop's, not the customers'.
+admin = APIRouter(dependencies=[Depends(require_admin)], responses=answers(401))
 
 
 # --- Service ----------------------------------------------------------------------
@@ -662,12 +662,8 @@ def save_book(session: Session, book: Book) -> Book:
     return book
 
 
-@app.post(
-    "/books",
-    status_code=201,
-    response_model=BookPublic,
-    dependencies=AdminOnly,
-    responses=answers(400, 401, 409),
+@admin.post(
+    "/books", status_code=201, response_model=BookPublic, responses=answers(400, 409)
 )
 def create_book(book: BookCreate, session: WriteSessionDep, response: Response):
     now = utcnow()
@@ -720,17 +716,13 @@ def read_book(book_id: PathId, session: SessionDep):
     return get_book_or_404(session, book_id)
 
 
-@app.patch(
-    "/books/{book_id}",
-    response_model=BookPublic,
-    dependencies=AdminOnly,
-    responses=answers(400, 401, 404, 409),
+@admin.patch(
+    "/books/{book_id}", response_model=BookPublic, responses=answers(400, 404, 409)
 )
-@app.put(
+@admin.put(
     "/books/{book_id}",
     response_model=BookPublic,
-    dependencies=AdminOnly,
-    responses=answers(400, 401, 404, 409),
+    responses=answers(400, 404, 409),
     description="The same partial update as PATCH.",
 )
 def update_book(book_id: PathId, book: BookUpdate, session: WriteSessionDep):
@@ -740,19 +732,12 @@ def update_book(book_id: PathId, book: BookUpdate, session: WriteSessionDep):
     return save_book(session, db_book)
 
 
-@app.delete(
-    "/books/{book_id}",
-    status_code=204,
-    dependencies=AdminOnly,
-    responses=answers(401, 404, 409),
-)
+@admin.delete("/books/{book_id}", status_code=204, responses=answers(404, 409))
 def delete_book(book_id: PathId, session: WriteSessionDep):
     session.delete(get_book_or_404(session, book_id))
     try:
         session.commit()
-    except (
-        IntegrityError
-    ):  # the foreign key from order_item: order history is never lost
+    except IntegrityError:  # order_item's foreign key: order history is never lost
         raise HTTPException(
             409, f"Book {book_id} is in orders and cannot be deleted"
         ) from None
@@ -767,11 +752,10 @@ def read_stock(book_id: PathId, session: SessionDep):
     return StockPublic(book_id=book.id, stock=book.stock, in_stock=book.stock > 0)
 
 
-@app.post(
+@admin.post(
     "/books/{book_id}/stock",
     response_model=StockPublic,
-    dependencies=AdminOnly,
-    responses=answers(400, 401, 404, 409),
+    responses=answers(400, 404, 409),
 )
 def change_stock(book_id: PathId, change: StockChange, session: WriteSessionDep):
     # One conditional UPDATE: the database checks and changes the stock in a
@@ -895,12 +879,7 @@ def create_order(
     return order
 
 
-@app.get(
-    "/orders",
-    response_model=list[OrderPublic],
-    dependencies=AdminOnly,
-    responses=answers(401),
-)
+@admin.get("/orders", response_model=list[OrderPublic])
 def list_orders(
     filters: Annotated[OrderFilter, Query()], session: SessionDep, response: Response
 ):
@@ -928,12 +907,7 @@ def get_order_or_404(session: Session, order_id: int) -> Order:
     return order
 
 
-@app.get(
-    "/orders/{order_id}",
-    response_model=OrderPublic,
-    dependencies=AdminOnly,
-    responses=answers(401, 404),
-)
+@admin.get("/orders/{order_id}", response_model=OrderPublic, responses=answers(404))
 def read_order(order_id: PathId, session: SessionDep):
     return get_order_or_404(session, order_id)
 
@@ -978,11 +952,10 @@ def move_order(
     return order
 
 
-@app.patch(
+@admin.patch(
     "/orders/{order_id}/status",
     response_model=OrderPublic,
-    dependencies=AdminOnly,
-    responses=answers(400, 401, 404, 409),
+    responses=answers(400, 404, 409),
 )
 def change_order_status(
     order_id: PathId, change: StatusChange, session: WriteSessionDep
@@ -990,12 +963,14 @@ def change_order_status(
     return move_order(session, order_id, change.status)
 
 
-@app.delete(
+@admin.delete(
     "/orders/{order_id}",
     response_model=OrderPublic,
-    dependencies=AdminOnly,
-    responses=answers(401, 404, 409),
+    responses=answers(404, 409),
     description="Cancel the order and put its stock back; an order already cancelled stays as it is.",
 )
 def cancel_order(order_id: PathId, session: WriteSessionDep):
     return move_order(session, order_id, OrderStatus.cancelled, repeat_ok=True)
+
+
+app.include_router(admin)
