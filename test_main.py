@@ -5,9 +5,11 @@ their URLs (comma-separated), on PostgreSQL and MySQL/MariaDB too; see README.md
 Every test starts from empty tables.
 """
 
+import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -1461,3 +1463,66 @@ def test_a_killed_service_loses_no_confirmed_order(tmp_path):
     print(
         f"crash: {len(placed)} orders confirmed before kill -9, {total} found after restart"
     )
+
+
+# --- The README's curl tour ---------------------------------------------------------------
+# Every ```console block of README.md holds one `$ curl ...` command and the answer it
+# gives: the status line, the headers worth showing, and the JSON body (reformatted for
+# reading). The tour runs in order against a fresh service; timestamps match any UTC time.
+
+TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|\+00:00)")
+
+
+def readme_examples() -> list[tuple[str, list[str]]]:
+    examples = []
+    for block in re.findall(
+        r"```console\n(.*?)```", (HERE / "README.md").read_text(), re.DOTALL
+    ):
+        lines = block.splitlines()
+        command = [lines.pop(0).removeprefix("$ ")]
+        while command[-1].endswith("\\"):
+            command.append(lines.pop(0))
+        examples.append(("\n".join(command), lines))
+    return examples
+
+
+def without_timestamps(text: str):
+    return TIMESTAMP.sub("<timestamp>", text)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="the README's tour needs curl")
+def test_readme_tour_gives_the_answers_it_shows(tmp_path):
+    examples = readme_examples()
+    assert len(examples) >= 20
+    database_url = f"sqlite:///{tmp_path}/bookstore.db"
+    with live_service(
+        database_url, tmp_path, workers=1, BOOKSTORE_ADMIN_TOKEN="change-me"
+    ) as service:
+        for command, expected in examples:
+            assert command.startswith("curl -s -i "), command
+            output = subprocess.run(
+                [
+                    "bash",
+                    "-c",
+                    command.replace("localhost:8000", f"127.0.0.1:{service.port}"),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=True,
+            ).stdout
+            head, _, body = output.partition("\n\n")  # text=True made \r\n into \n
+            status_line, *header_lines = head.split("\n")
+            headers = dict(line.lower().split(": ", 1) for line in header_lines)
+            blank = expected.index("") if "" in expected else len(expected)
+            assert status_line == expected[0], command
+            for line in expected[1:blank]:
+                name, value = line.lower().split(": ", 1)
+                assert headers[name] == value, (command, name)
+            shown = "\n".join(expected[blank + 1 :])
+            if shown:
+                assert json.loads(without_timestamps(body)) == json.loads(
+                    without_timestamps(shown)
+                ), command
+            else:
+                assert body == "", command
