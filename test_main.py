@@ -253,6 +253,23 @@ def test_schema_examples_are_valid_requests(client):
     assert client.post(f"/books/{book['id']}/stock", json=stock).status_code == 200
 
 
+@pytest.mark.parametrize(
+    "method, path, allowed",
+    [
+        ("OPTIONS", "/books/1", "DELETE, GET, PATCH, PUT"),
+        ("PUT", "/orders", "GET, POST"),
+        ("POST", "/health", "GET"),
+    ],
+)
+def test_a_method_the_path_lacks_is_405_listing_the_others(
+    client, method, path, allowed
+):
+    response = client.request(method, path)
+    assert response.status_code == 405
+    assert response.headers["allow"] == allowed
+    assert response.json() == {"detail": "Method Not Allowed"}
+
+
 # --- Books --------------------------------------------------------------------------
 
 
