@@ -586,19 +586,6 @@ async def validation_error(request, exc: RequestValidationError):
     return JSONResponse({"detail": errors}, 422)
 
 
-@app.exception_handler(405)
-async def method_not_allowed(request, exc: HTTPException):
-    """405 with every method the path has in Allow; Starlette lists only one route's."""
-    methods = {
-        method
-        for route in app.routes
-        if route.matches(request.scope)[0] != Match.NONE
-        for method in route.methods
-    }
-    allow = ", ".join(sorted(methods))
-    return JSONResponse({"detail": exc.detail}, 405, headers={"Allow": allow})
-
-
 bearer = HTTPBearer(
     auto_error=False, description="The BOOKSTORE_ADMIN_TOKEN of the service"
 )
@@ -620,6 +607,19 @@ async def require_admin(
 
 # Routes that change the catalogue or touch orders: the shop's, not the customers'.
 admin = APIRouter(dependencies=[Depends(require_admin)], responses=answers(401))
+
+
+@app.exception_handler(405)
+async def method_not_allowed(request, exc: HTTPException):
+    """405 with every method the path has in Allow; Starlette lists only one route's."""
+    methods = {
+        method
+        for route in [*app.routes, *admin.routes]
+        if route.matches(request.scope)[0] != Match.NONE
+        for method in getattr(route, "methods", ())
+    }
+    allow = ", ".join(sorted(methods))
+    return JSONResponse({"detail": exc.detail}, 405, headers={"Allow": allow})
 
 
 # --- Service ----------------------------------------------------------------------
