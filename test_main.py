@@ -1152,7 +1152,8 @@ def test_a_body_over_1_mib_is_413_whether_announced_or_chunked(client, engine):
 # --- Admin token --------------------------------------------------------------------
 
 
-def test_without_a_token_the_service_is_open_and_says_so(client, caplog):
+def test_without_a_token_the_service_is_open_and_says_so(engine, caplog, monkeypatch):
+    monkeypatch.setattr(main, "engine", engine)
     with caplog.at_level(logging.WARNING, logger="uvicorn.error"), TestClient(app):
         pass
     assert "demo mode" in caplog.text
