@@ -10,11 +10,12 @@ import logging
 import os
 import re
 import secrets
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 from fastapi import (
     APIRouter,
@@ -26,6 +27,7 @@ from fastapi import (
     Query,
     Response,
 )
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -76,6 +78,7 @@ MAX_STOCK = 1_000_000_000
 MAX_BODY_BYTES = 1024 * 1024
 
 log = logging.getLogger("uvicorn.error")
+T = TypeVar("T")
 
 
 # --- The engine -----------------------------------------------------------------
@@ -486,10 +489,10 @@ class OrderFilter(Page):
 # --- The session, the app and its plumbing ------------------------------------------
 
 
-def get_session():
-    # expire_on_commit=False: objects stay readable after commit, without a reload query.
-    with Session(engine, expire_on_commit=False) as session:
-        yield session
+async def get_session():
+    # Creating a session does no I/O, so this runs in the event loop. The session
+    # is used, and closed, in a worker thread: see in_thread below.
+    yield Session(engine, expire_on_commit=False)
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
@@ -503,6 +506,21 @@ WriteSessionDep = Annotated[
         max_concurrency=1 if engine.dialect.name == "sqlite" else None,
     ),
 ]
+
+
+async def in_thread(work: Callable[..., T], session: Session, *args) -> T:
+    """Call work(session, *args) in a worker thread, and close the session there.
+
+    Database calls block, and in the event loop they would stall every request.
+    The endpoints are `async def` and hand their database work to a thread in one
+    hop, while validation and JSON stay in the loop, where they cost no hop.
+    """
+
+    def run() -> T:
+        with session:
+            return work(session, *args)
+
+    return await run_in_threadpool(run)
 
 
 @asynccontextmanager
@@ -630,12 +648,16 @@ async def root():
     return {"name": app.title, "version": app.version, "docs": "/docs"}
 
 
-@app.get("/health", responses=answers(503))
-def health(session: SessionDep):
+def ping(session: Session) -> None:
     try:
         session.exec(select(1)).one()
     except SQLAlchemyError:
         raise HTTPException(503, "Database unavailable") from None
+
+
+@app.get("/health", responses=answers(503))
+async def health(session: SessionDep):
+    await in_thread(ping, session)
     return {"status": "ok"}
 
 
@@ -651,32 +673,28 @@ def get_book_or_404(session: Session, book_id: int) -> Book:
 
 def save_book(session: Session, book: Book) -> Book:
     """Commit `book`; a second book with the same ISBN is a 409, not a 500."""
+    isbn = book.isbn  # a failed commit expires the book's attributes
     session.add(book)
     try:
         session.commit()
     except IntegrityError:
-        session.rollback()
-        raise HTTPException(
-            409, f"A book with ISBN {book.isbn} already exists"
-        ) from None
+        raise HTTPException(409, f"A book with ISBN {isbn} already exists") from None
     return book
 
 
 @admin.post(
     "/books", status_code=201, response_model=BookPublic, responses=answers(400, 409)
 )
-def create_book(book: BookCreate, session: WriteSessionDep, response: Response):
+async def create_book(book: BookCreate, session: WriteSessionDep, response: Response):
     now = utcnow()
     db_book = Book.model_validate(book, update={"created_at": now, "updated_at": now})
-    save_book(session, db_book)
+    await in_thread(save_book, session, db_book)
     response.headers["Location"] = f"/books/{db_book.id}"
     return db_book
 
 
-@app.get("/books", response_model=list[BookPublic])
-def list_books(
-    filters: Annotated[BookFilter, Query()], session: SessionDep, response: Response
-):
+def find_books(session: Session, filters: BookFilter) -> tuple[list[Book], int]:
+    """A page of the books that match `filters`, and how many match in all."""
     conditions = []
     if filters.q is not None:
         conditions.append(
@@ -698,7 +716,6 @@ def list_books(
     total = session.exec(
         select(func.count()).select_from(Book).where(*conditions)
     ).one()
-    response.headers["X-Total-Count"] = str(total)
     field = col(getattr(Book, filters.sort.lstrip("-")))
     if filters.sort.lstrip("-") in ("title", "author"):
         field = func.lower(field)  # the same case-insensitive order on every database
@@ -708,12 +725,29 @@ def list_books(
     else:
         order_by = [field, col(Book.id)]
     query = select(Book).where(*conditions).order_by(*order_by)
-    return session.exec(query.offset(filters.offset).limit(filters.limit)).all()
+    books = session.exec(query.offset(filters.offset).limit(filters.limit)).all()
+    return list(books), total
+
+
+@app.get("/books", response_model=list[BookPublic])
+async def list_books(
+    filters: Annotated[BookFilter, Query()], session: SessionDep, response: Response
+):
+    books, total = await in_thread(find_books, session, filters)
+    response.headers["X-Total-Count"] = str(total)
+    return books
 
 
 @app.get("/books/{book_id}", response_model=BookPublic, responses=answers(404))
-def read_book(book_id: PathId, session: SessionDep):
-    return get_book_or_404(session, book_id)
+async def read_book(book_id: PathId, session: SessionDep):
+    return await in_thread(get_book_or_404, session, book_id)
+
+
+def update_book_fields(session: Session, book_id: int, fields: dict) -> Book:
+    book = get_book_or_404(session, book_id)
+    book.sqlmodel_update(fields)
+    book.updated_at = utcnow()
+    return save_book(session, book)
 
 
 @admin.patch(
@@ -725,15 +759,13 @@ def read_book(book_id: PathId, session: SessionDep):
     responses=answers(400, 404, 409),
     description="The same partial update as PATCH.",
 )
-def update_book(book_id: PathId, book: BookUpdate, session: WriteSessionDep):
-    db_book = get_book_or_404(session, book_id)
-    db_book.sqlmodel_update(book.model_dump(exclude_unset=True))
-    db_book.updated_at = utcnow()
-    return save_book(session, db_book)
+async def update_book(book_id: PathId, book: BookUpdate, session: WriteSessionDep):
+    # exclude_unset: only the fields the client sent, so the others stay as they are.
+    fields = book.model_dump(exclude_unset=True)
+    return await in_thread(update_book_fields, session, book_id, fields)
 
 
-@admin.delete("/books/{book_id}", status_code=204, responses=answers(404, 409))
-def delete_book(book_id: PathId, session: WriteSessionDep):
+def delete_book_row(session: Session, book_id: int) -> None:
     session.delete(get_book_or_404(session, book_id))
     try:
         session.commit()
@@ -743,24 +775,27 @@ def delete_book(book_id: PathId, session: WriteSessionDep):
         ) from None
 
 
+@admin.delete("/books/{book_id}", status_code=204, responses=answers(404, 409))
+async def delete_book(book_id: PathId, session: WriteSessionDep):
+    await in_thread(delete_book_row, session, book_id)
+
+
 # --- Stock ------------------------------------------------------------------------
 
 
-@app.get("/books/{book_id}/stock", response_model=StockPublic, responses=answers(404))
-def read_stock(book_id: PathId, session: SessionDep):
-    book = get_book_or_404(session, book_id)
+def stock_of(book: Book) -> StockPublic:
     return StockPublic(book_id=book.id, stock=book.stock, in_stock=book.stock > 0)
 
 
-@admin.post(
-    "/books/{book_id}/stock",
-    response_model=StockPublic,
-    responses=answers(400, 404, 409),
-)
-def change_stock(book_id: PathId, change: StockChange, session: WriteSessionDep):
+@app.get("/books/{book_id}/stock", response_model=StockPublic, responses=answers(404))
+async def read_stock(book_id: PathId, session: SessionDep):
+    return stock_of(await in_thread(get_book_or_404, session, book_id))
+
+
+def add_stock(session: Session, book_id: int, delta: int) -> Book:
     # One conditional UPDATE: the database checks and changes the stock in a
     # single step, so concurrent changes can neither be lost nor go below 0.
-    new_stock = col(Book.stock) + change.delta
+    new_stock = col(Book.stock) + delta
     changed = session.exec(
         update(Book)
         .where(col(Book.id) == book_id, new_stock >= 0, new_stock <= MAX_STOCK)
@@ -770,64 +805,48 @@ def change_stock(book_id: PathId, change: StockChange, session: WriteSessionDep)
     if not changed:
         raise HTTPException(
             409,
-            f"Stock of book {book_id} is {book.stock}: a change of {change.delta} "
+            f"Stock of book {book_id} is {book.stock}: a change of {delta} "
             f"would take it outside 0..{MAX_STOCK}",
         )
     session.commit()
-    return StockPublic(book_id=book.id, stock=book.stock, in_stock=book.stock > 0)
+    return book
+
+
+@admin.post(
+    "/books/{book_id}/stock",
+    response_model=StockPublic,
+    responses=answers(400, 404, 409),
+)
+async def change_stock(book_id: PathId, change: StockChange, session: WriteSessionDep):
+    return stock_of(await in_thread(add_stock, session, book_id, change.delta))
 
 
 # --- Orders -----------------------------------------------------------------------
 
 
-def find_keyed_order(
-    session: Session, key: str, request_hash: str, response: Response
-) -> Order | None:
-    """The order placed earlier with this Idempotency-Key, if any, answered with 200."""
+def find_keyed_order(session: Session, key: str, request_hash: str) -> Order | None:
+    """The order placed earlier with this Idempotency-Key, if any."""
     order = session.exec(select(Order).where(Order.idempotency_key == key)).first()
-    if order is None:
-        return None
-    if order.request_hash != request_hash:
-        raise RequestValidationError(
-            [
-                {
-                    "type": "idempotency_key_reused",
-                    "loc": ("header", "Idempotency-Key"),
-                    "msg": "This Idempotency-Key was used with a different request",
-                }
-            ]
-        )
-    response.status_code = 200
+    if order is not None and order.request_hash != request_hash:
+        error = {
+            "type": "idempotency_key_reused",
+            "loc": ("header", "Idempotency-Key"),
+            "msg": "This Idempotency-Key was used with a different request",
+        }
+        raise RequestValidationError([error])
     return order
 
 
-@app.post(
-    "/orders",
-    status_code=201,
-    response_model=OrderPublic,
-    responses=answers(400, 404, 409)
-    | {200: {"model": OrderPublic, "description": "A retry"}},
-)
-def create_order(
-    order_in: OrderCreate,
-    session: WriteSessionDep,
-    response: Response,
-    idempotency_key: Annotated[
-        str | None,
-        Header(
-            max_length=255,
-            pattern=r"^[\x20-\x7e]+$",
-            description="Retries with the same key get the same order back",
-        ),
-    ] = None,
-):
-    request_hash = hashlib.sha256(order_in.model_dump_json().encode()).hexdigest()
-    if idempotency_key and (
-        order := find_keyed_order(session, idempotency_key, request_hash, response)
-    ):
-        return order
+def place_order(
+    session: Session, order_in: OrderCreate, key: str | None, request_hash: str
+) -> tuple[Order, bool]:
+    """Place the order in one transaction: all of it, or nothing. Also says
+    whether it is new (False: an earlier order with the same key)."""
+    if key and (order := find_keyed_order(session, key, request_hash)):
+        return order, False
     now = utcnow()
-    # Books in id order: two orders lock the books they share in the same order, so never deadlock.
+    # Books in id order: two orders lock the books they share in the same order,
+    # so they never deadlock.
     for item in sorted(order_in.items, key=lambda item: item.book_id):
         deducted = session.exec(
             update(Book)
@@ -861,7 +880,7 @@ def create_order(
         customer=order_in.customer,
         items=items,
         total=sum(item.line_total for item in items),
-        idempotency_key=idempotency_key,
+        idempotency_key=key,
         request_hash=request_hash,
         created_at=now,
         updated_at=now,
@@ -872,17 +891,45 @@ def create_order(
     except IntegrityError:
         # Stock is locked and checked above: only the key can clash. A concurrent
         # request with the same key committed first, and its order is the answer.
-        assert idempotency_key, "an IntegrityError without an Idempotency-Key"
+        assert key, "an IntegrityError without an Idempotency-Key"
         session.rollback()
-        return find_keyed_order(session, idempotency_key, request_hash, response)
-    response.headers["Location"] = f"/orders/{order.id}"
+        return find_keyed_order(session, key, request_hash), False
+    return order, True
+
+
+@app.post(
+    "/orders",
+    status_code=201,
+    response_model=OrderPublic,
+    responses=answers(400, 404, 409)
+    | {200: {"model": OrderPublic, "description": "A retry"}},
+)
+async def create_order(
+    order_in: OrderCreate,
+    session: WriteSessionDep,
+    response: Response,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            max_length=255,
+            pattern=r"^[\x20-\x7e]+$",
+            description="Retries with the same key get the same order back",
+        ),
+    ] = None,
+):
+    request_hash = hashlib.sha256(order_in.model_dump_json().encode()).hexdigest()
+    order, placed = await in_thread(
+        place_order, session, order_in, idempotency_key, request_hash
+    )
+    if placed:
+        response.headers["Location"] = f"/orders/{order.id}"
+    else:
+        response.status_code = 200
     return order
 
 
-@admin.get("/orders", response_model=list[OrderPublic])
-def list_orders(
-    filters: Annotated[OrderFilter, Query()], session: SessionDep, response: Response
-):
+def find_orders(session: Session, filters: OrderFilter) -> tuple[list[Order], int]:
+    """A page of the orders that match `filters`, newest first, and how many match."""
     conditions = []
     if filters.status is not None:
         conditions.append(col(Order.status) == filters.status)
@@ -891,13 +938,19 @@ def list_orders(
     total = session.exec(
         select(func.count()).select_from(Order).where(*conditions)
     ).one()
+    newest_first = [col(Order.created_at).desc(), col(Order.id).desc()]
+    query = select(Order).where(*conditions).order_by(*newest_first)
+    orders = session.exec(query.offset(filters.offset).limit(filters.limit)).all()
+    return list(orders), total
+
+
+@admin.get("/orders", response_model=list[OrderPublic])
+async def list_orders(
+    filters: Annotated[OrderFilter, Query()], session: SessionDep, response: Response
+):
+    orders, total = await in_thread(find_orders, session, filters)
     response.headers["X-Total-Count"] = str(total)
-    query = (
-        select(Order)
-        .where(*conditions)
-        .order_by(col(Order.created_at).desc(), col(Order.id).desc())
-    )
-    return session.exec(query.offset(filters.offset).limit(filters.limit)).all()
+    return orders
 
 
 def get_order_or_404(session: Session, order_id: int) -> Order:
@@ -908,12 +961,12 @@ def get_order_or_404(session: Session, order_id: int) -> Order:
 
 
 @admin.get("/orders/{order_id}", response_model=OrderPublic, responses=answers(404))
-def read_order(order_id: PathId, session: SessionDep):
-    return get_order_or_404(session, order_id)
+async def read_order(order_id: PathId, session: SessionDep):
+    return await in_thread(get_order_or_404, session, order_id)
 
 
 def move_order(
-    session: Session, order_id: int, new_status: OrderStatus, *, repeat_ok=False
+    session: Session, order_id: int, new_status: OrderStatus, repeat_ok: bool
 ) -> Order:
     """Move an order to `new_status`, putting its stock back if that is `cancelled`.
 
@@ -922,11 +975,7 @@ def move_order(
     With `repeat_ok`, an order already in `new_status` is answered as it is.
     """
     now = utcnow()
-    previous = [
-        old
-        for old, next_statuses in NEXT_STATUSES.items()
-        if new_status in next_statuses
-    ]
+    previous = [old for old, nexts in NEXT_STATUSES.items() if new_status in nexts]
     moved = session.exec(
         update(Order)
         .where(col(Order.id) == order_id, col(Order.status).in_(previous))
@@ -939,7 +988,8 @@ def move_order(
         allowed = ", ".join(NEXT_STATUSES[order.status]) or "none, it is final"
         raise HTTPException(
             409,
-            f"Order {order_id} is {order.status} and cannot become {new_status}; allowed: {allowed}",
+            f"Order {order_id} is {order.status} and cannot become {new_status}; "
+            f"allowed: {allowed}",
         )
     if new_status == OrderStatus.cancelled:
         for item in sorted(order.items, key=lambda item: item.book_id):
@@ -957,10 +1007,10 @@ def move_order(
     response_model=OrderPublic,
     responses=answers(400, 404, 409),
 )
-def change_order_status(
+async def change_order_status(
     order_id: PathId, change: StatusChange, session: WriteSessionDep
 ):
-    return move_order(session, order_id, change.status)
+    return await in_thread(move_order, session, order_id, change.status, False)
 
 
 @admin.delete(
@@ -969,8 +1019,8 @@ def change_order_status(
     responses=answers(404, 409),
     description="Cancel the order and put its stock back; an order already cancelled stays as it is.",
 )
-def cancel_order(order_id: PathId, session: WriteSessionDep):
-    return move_order(session, order_id, OrderStatus.cancelled, repeat_ok=True)
+async def cancel_order(order_id: PathId, session: WriteSessionDep):
+    return await in_thread(move_order, session, order_id, OrderStatus.cancelled, True)
 
 
 app.include_router(admin)
