@@ -26,7 +26,6 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import event
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.pool import StaticPool
 from sqlmodel import Session, SQLModel, select
 
 import main
@@ -44,11 +43,7 @@ DATABASE_URLS = ["sqlite://"] + [
     ids=lambda url: url.split(":")[0],
 )
 def engine_fixture(request):
-    url = request.param
-    if url == "sqlite://":
-        engine = make_engine(url, poolclass=StaticPool)
-    else:
-        engine = make_engine(url)
+    engine = make_engine(request.param)
     SQLModel.metadata.drop_all(engine)
     SQLModel.metadata.create_all(engine)
     yield engine
@@ -62,8 +57,7 @@ def client_fixture(engine):
             connection.execute(table.delete())
 
     def get_session_override():
-        with Session(engine, expire_on_commit=False) as session:
-            yield session
+        return Session(engine, expire_on_commit=False)
 
     app.dependency_overrides[get_session] = get_session_override
     yield TestClient(app)
@@ -164,8 +158,7 @@ def test_health_is_503_when_the_database_cannot_be_reached(client):
     unreachable = make_engine("sqlite:////nonexistent/directory/bookstore.db")
 
     def get_unreachable_session():
-        with Session(unreachable) as session:
-            yield session
+        return Session(unreachable)
 
     app.dependency_overrides[get_session] = get_unreachable_session
     response = client.get("/health")
@@ -500,6 +493,30 @@ def test_list_books_sorts_with_ties_broken_by_id(client, shelf, sort, expected):
 )
 def test_list_books_refuses_bad_parameters(client, params):
     assert error_locations(client.get("/books", params=params)) == [["query", *params]]
+
+
+def test_search_follows_changes_to_titles_and_authors(client, engine):
+    dune = create_book(client)
+    create_book(client, title="Emma", author="Jane Austen")
+    client.patch(
+        f"/books/{dune['id']}", json={"title": "Children of Dune", "author": "F. H."}
+    )
+    for q, expected in [
+        ("children", ["Children of Dune"]),
+        ("herbert", []),
+        ("AUSTEN", ["Emma"]),
+    ]:
+        assert titles(client.get("/books", params={"q": q})) == expected
+    client.delete(f"/books/{dune['id']}")
+    assert titles(client.get("/books", params={"q": "dune"})) == []
+
+
+@pytest.mark.parametrize("q", ['"dune', 'du"ne"', "NEAR(dune)", "dune OR x", "*"])
+def test_search_treats_query_syntax_as_plain_text(client, q):
+    create_book(client)
+    response = client.get("/books", params={"q": q})
+    assert titles(response) == []
+    assert response.headers["x-total-count"] == "0"
 
 
 # --- Changing and deleting books -----------------------------------------------------
@@ -905,8 +922,7 @@ def test_concurrent_orders_and_stock_changes_never_oversell(tmp_path):
     SQLModel.metadata.create_all(engine)
 
     def get_file_session():
-        with Session(engine, expire_on_commit=False) as session:
-            yield session
+        return Session(engine, expire_on_commit=False)
 
     app.dependency_overrides[get_session] = get_file_session
     try:
