@@ -1350,6 +1350,16 @@ def live_service(database_url: str, tmp_path: Path, **kwargs):
             service.stop()
 
 
+@pytest.fixture(name="shop")
+def shop_fixture(database_url, tmp_path):
+    """A live service with 2 workers and a client, and a book with 50 copies."""
+    with (
+        live_service(database_url, tmp_path) as service,
+        httpx2.Client(base_url=service.url, timeout=30) as http,
+    ):
+        yield http, http.post("/books", json=BOOK | {"stock": 50}).json()
+
+
 def run_concurrently(calls, threads: int = 16) -> list:
     """Run every call at once from a thread pool; each has 30 s at most."""
     with ThreadPoolExecutor(max_workers=threads) as pool:
@@ -1359,90 +1369,72 @@ def run_concurrently(calls, threads: int = 16) -> list:
         ]
 
 
-def test_workers_never_oversell(database_url, tmp_path):
-    with (
-        live_service(database_url, tmp_path) as service,
-        httpx2.Client(base_url=service.url, timeout=30) as http,
-    ):
-        book = http.post("/books", json=BOOK | {"stock": 50}).json()
+def test_workers_never_oversell(shop):
+    http, book = shop
 
-        def order():
-            body = {
-                "customer": "rush@example.com",
-                "items": [{"book_id": book["id"], "quantity": 1}],
-            }
-            return "order", http.post("/orders", json=body).status_code
+    def order():
+        body = {
+            "customer": "rush@example.com",
+            "items": [{"book_id": book["id"], "quantity": 1}],
+        }
+        return "order", http.post("/orders", json=body).status_code
 
-        def change(delta):
-            return lambda: (
-                f"{delta:+}",
-                http.post(
-                    f"/books/{book['id']}/stock", json={"delta": delta}
-                ).status_code,
-            )
+    def change(delta):
+        return lambda: (
+            f"{delta:+}",
+            http.post(f"/books/{book['id']}/stock", json={"delta": delta}).status_code,
+        )
 
-        calls = [order] * 200 + [change(+1)] * 25 + [change(-1)] * 25
-        calls = [call for pair in zip(calls[:125], calls[125:]) for call in pair]
-        started = time.monotonic()
-        results = run_concurrently(calls)
-        elapsed = time.monotonic() - started
-        statuses = [status for _, status in results]
-        assert all(status in (200, 201, 409) for status in statuses), statuses
-        placed = results.count(("order", 201))
-        restocked, written_off = results.count(("+1", 200)), results.count(("-1", 200))
-        stock = http.get(f"/books/{book['id']}/stock").json()["stock"]
-        assert stock == 50 - placed + restocked - written_off >= 0
-        assert placed >= 50 - written_off
-        listed = http.get("/orders", params={"limit": 1})
-        assert listed.headers["x-total-count"] == str(placed)
+    calls = [order] * 200 + [change(+1)] * 25 + [change(-1)] * 25
+    calls = [call for pair in zip(calls[:125], calls[125:]) for call in pair]
+    started = time.monotonic()
+    results = run_concurrently(calls)
+    elapsed = time.monotonic() - started
+    statuses = [status for _, status in results]
+    assert all(status in (200, 201, 409) for status in statuses), statuses
+    placed = results.count(("order", 201))
+    restocked, written_off = results.count(("+1", 200)), results.count(("-1", 200))
+    stock = http.get(f"/books/{book['id']}/stock").json()["stock"]
+    assert stock == 50 - placed + restocked - written_off >= 0
+    assert placed >= 50 - written_off
+    listed = http.get("/orders", params={"limit": 1})
+    assert listed.headers["x-total-count"] == str(placed)
     print(
         f"oversell: {len(calls)} requests in {elapsed:.1f} s, {placed} orders placed, "
         f"{statuses.count(409)} refused, +{restocked}/-{written_off} stock, 0 5xx"
     )
 
 
-def test_workers_place_a_retried_order_once(database_url, tmp_path):
-    with (
-        live_service(database_url, tmp_path) as service,
-        httpx2.Client(base_url=service.url, timeout=30) as http,
-    ):
-        book = http.post("/books", json=BOOK | {"stock": 50}).json()
-        body = {
-            "customer": "retry@example.com",
-            "items": [{"book_id": book["id"], "quantity": 3}],
-        }
-        headers = {"Idempotency-Key": "one-click-purchase"}
-        responses = run_concurrently(
-            [lambda: http.post("/orders", json=body, headers=headers)] * 20
-        )
-        assert {response.status_code for response in responses} <= {200, 201, 409}
-        orders = {
-            response.json()["id"]
-            for response in responses
-            if response.status_code != 409
-        }
-        assert len(orders) == 1
-        assert http.get("/orders").headers["x-total-count"] == "1"
-        assert http.get(f"/books/{book['id']}/stock").json()["stock"] == 47
+def test_workers_place_a_retried_order_once(shop):
+    http, book = shop
+    body = {
+        "customer": "retry@example.com",
+        "items": [{"book_id": book["id"], "quantity": 3}],
+    }
+    headers = {"Idempotency-Key": "one-click-purchase"}
+    responses = run_concurrently(
+        [lambda: http.post("/orders", json=body, headers=headers)] * 20
+    )
+    assert {response.status_code for response in responses} <= {200, 201, 409}
+    orders = {
+        response.json()["id"] for response in responses if response.status_code != 409
+    }
+    assert len(orders) == 1
+    assert http.get("/orders").headers["x-total-count"] == "1"
+    assert http.get(f"/books/{book['id']}/stock").json()["stock"] == 47
 
 
-def test_workers_cancel_an_order_once(database_url, tmp_path):
-    with (
-        live_service(database_url, tmp_path) as service,
-        httpx2.Client(base_url=service.url, timeout=30) as http,
-    ):
-        book = http.post("/books", json=BOOK | {"stock": 50}).json()
-        body = {
-            "customer": "undecided@example.com",
-            "items": [{"book_id": book["id"], "quantity": 5}],
-        }
-        order = http.post("/orders", json=body).json()
-        responses = run_concurrently(
-            [lambda: http.delete(f"/orders/{order['id']}")] * 20
-        )
-        assert [response.status_code for response in responses] == [200] * 20
-        assert {response.json()["status"] for response in responses} == {"cancelled"}
-        assert http.get(f"/books/{book['id']}/stock").json()["stock"] == 50
+def test_workers_cancel_an_order_once(shop):
+    http, book = shop
+    body = {
+        "customer": "undecided@example.com",
+        "items": [{"book_id": book["id"], "quantity": 5}],
+    }
+    order = http.post("/orders", json=body).json()
+    responses = run_concurrently([lambda: http.delete(f"/orders/{order['id']}")] * 20)
+    assert [response.status_code for response in responses] == [200] * 20
+    assert {response.json()["status"] for response in responses} == {"cancelled"}
+    assert http.get(f"/books/{book['id']}/stock").json()["stock"] == 50
 
 
 def test_start_together_on_a_fresh_database(database_url, tmp_path):
