@@ -545,9 +545,6 @@ async def get_session() -> Session:
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
-# The threads that talk to the database: asyncio's own executor, which is lighter
-# per call than FastAPI's run_in_threadpool, at one call per request.
-database_threads = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="database")
 
 
 async def get_write_session(session: SessionDep):
@@ -564,6 +561,11 @@ WriteSessionDep = Annotated[
         max_concurrency=1 if engine.dialect.name == "sqlite" else None,
     ),
 ]
+
+
+# The threads that talk to the database: asyncio's own executor, which is lighter
+# per call than FastAPI's run_in_threadpool, at one call per request.
+database_threads = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="database")
 
 
 async def in_thread(work: Callable[..., T], session: Session, *args) -> T:
