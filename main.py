@@ -178,6 +178,11 @@ def utcnow() -> datetime:
 # --- Field types shared by the models ---------------------------------------------
 
 
+def isbn13_checksum(digits: str) -> int:
+    """The ISBN-13 weighted sum: a valid ISBN-13 has it divisible by 10."""
+    return sum(int(c) * (3 if i % 2 else 1) for i, c in enumerate(digits))
+
+
 def normalize_isbn(value: str) -> str:
     """Check an ISBN-10 or ISBN-13 and return it as the 13 digits of ISBN-13."""
     digits = value.replace("-", "").replace(" ", "").upper()
@@ -192,11 +197,9 @@ def normalize_isbn(value: str) -> str:
         if checksum % 11:
             raise ValueError("ISBN-10 check digit is wrong")
         digits = "978" + digits[:9]
-        return digits + str(
-            -sum(int(c) * (3 if i % 2 else 1) for i, c in enumerate(digits)) % 10
-        )
+        return digits + str(-isbn13_checksum(digits) % 10)
     if len(digits) == 13 and digits.isdigit():
-        if sum(int(c) * (3 if i % 2 else 1) for i, c in enumerate(digits)) % 10:
+        if isbn13_checksum(digits) % 10:
             raise ValueError("ISBN-13 check digit is wrong")
         return digits
     raise ValueError("must be an ISBN-10 or ISBN-13")
@@ -783,8 +786,9 @@ def find_books(session: Session, filters: BookFilter) -> tuple[list[dict], int]:
     total = connection.execute(
         select(func.count()).select_from(Book).where(*conditions)
     ).scalar_one()
-    field = col(getattr(Book, filters.sort.lstrip("-")))
-    if filters.sort.lstrip("-") in ("title", "author"):
+    sort_field = filters.sort.lstrip("-")
+    field = col(getattr(Book, sort_field))
+    if sort_field in ("title", "author"):
         field = func.lower(field)  # the same case-insensitive order on every database
     # Ties are broken by id, in the same direction, so that pages never overlap.
     if filters.sort.startswith("-"):
