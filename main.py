@@ -10,12 +10,13 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
+from functools import cache
 from typing import Annotated, Literal, TypeVar
 
 from fastapi import (
@@ -33,6 +34,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import (
     AfterValidator,
+    BaseModel,
     BeforeValidator,
     ConfigDict,
     PlainSerializer,
@@ -49,7 +51,10 @@ from sqlalchemy import (
     DateTime,
     Engine,
     Numeric,
+    Row,
+    Select,
     String,
+    bindparam,
     column,
     event,
 )
@@ -274,7 +279,7 @@ class Book(BookBase, table=True):
 
 # On SQLite, a trigram index of titles and authors, kept current by triggers, lets a
 # search read the matching books only; elsewhere (and for 1 or 2 characters) a
-# search reads every title. See title_or_author_contains below.
+# search reads every title. See BOOK_CONDITIONS below.
 for statement in (
     """CREATE VIRTUAL TABLE book_search USING fts5(
         title, author, content='book', content_rowid='id', tokenize='trigram')""",
@@ -317,9 +322,12 @@ class BookCreate(BookBase):
     )
 
 
-class BookPublic(SQLModel):
-    # Plain types: what the database holds passed the input rules already, and
-    # checking it again on the way out would only cost time.
+class BookPublic(BaseModel):
+    # Pydantic's BaseModel, with plain types: an answer is built in pydantic's core,
+    # where SQLModel runs its own __init__ in Python for each book of a page; and
+    # what the database holds passed the input rules already.
+    model_config = ConfigDict(from_attributes=True)
+
     id: int
     title: str
     author: str
@@ -550,25 +558,22 @@ async def get_session() -> Session:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-async def get_write_session(session: SessionDep):
-    yield session  # a generator: it keeps its max_concurrency slot until the endpoint returns
-
-
-# SQLite lets one transaction write at a time. This process's writers queue here,
-# without holding a thread, instead of sleeping in SQLite's busy handler.
-WriteSessionDep = Annotated[
-    Session,
-    Depends(
-        get_write_session,
-        scope="function",
-        max_concurrency=1 if engine.dialect.name == "sqlite" else None,
-    ),
-]
-
-
 # The threads that talk to the database: asyncio's own executor, which is lighter
 # per call than FastAPI's run_in_threadpool, at one call per request.
 database_threads = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="database")
+# SQLite lets one transaction write at a time. This process's writes to SQLite run
+# one after another in a thread of their own, where they queue without holding a
+# thread, instead of sleeping in SQLite's busy handler.
+sqlite_writer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
+
+
+async def get_write_session(session: SessionDep) -> Session:
+    if session.get_bind().dialect.name == "sqlite":
+        session.info["threads"] = sqlite_writer  # for in_thread
+    return session
+
+
+WriteSessionDep = Annotated[Session, Depends(get_write_session)]
 
 
 async def in_thread(work: Callable[..., T], session: Session, *args) -> T:
@@ -583,7 +588,8 @@ async def in_thread(work: Callable[..., T], session: Session, *args) -> T:
         with session:
             return work(session, *args)
 
-    return await asyncio.get_running_loop().run_in_executor(database_threads, run)
+    threads = session.info.get("threads", database_threads)
+    return await asyncio.get_running_loop().run_in_executor(threads, run)
 
 
 @asynccontextmanager
@@ -734,13 +740,17 @@ def get_book_or_404(session: Session, book_id: int) -> Book:
     return book
 
 
-def read_book_or_404(session: Session, book_id: int) -> dict:
-    """The book as a dict, for an answer only: like a page of books, no ORM object."""
-    query = select(*Book.__table__.columns).where(col(Book.id) == book_id)
-    row = session.connection().execute(query).mappings().first()
+# Built once, with the id as a parameter: building a statement takes SQLAlchemy
+# longer than SQLite takes to run it.
+BOOK_BY_ID = select(*Book.__table__.columns).where(col(Book.id) == bindparam("id"))
+
+
+def read_book_or_404(session: Session, book_id: int) -> Row:
+    """The book as a row, for an answer only: like a page of books, no ORM object."""
+    row = session.connection().execute(BOOK_BY_ID, {"id": book_id}).first()
     if row is None:
         raise HTTPException(404, f"Book {book_id} not found")
-    return dict(row)
+    return row
 
 
 def save_book(session: Session, book: Book) -> Book:
@@ -765,68 +775,77 @@ async def create_book(book: BookCreate, session: WriteSessionDep, response: Resp
     return db_book
 
 
-def find_books(session: Session, filters: BookFilter) -> tuple[list[dict], int]:
-    """A page of the books that match `filters`, and how many match in all."""
-    conditions = []
-    if filters.q is not None:
-        conditions.append(title_or_author_contains(session, filters.q))
-    if filters.author is not None:
-        conditions.append(col(Book.author).icontains(filters.author, autoescape=True))
-    if filters.in_stock is not None:
-        conditions.append(
-            col(Book.stock) > 0 if filters.in_stock else col(Book.stock) == 0
-        )
-    if filters.min_price is not None:
-        conditions.append(col(Book.price) >= filters.min_price)
-    if filters.max_price is not None:
-        conditions.append(col(Book.price) <= filters.max_price)
-    if filters.year is not None:
-        conditions.append(col(Book.year) == filters.year)
-    connection = session.connection()  # Core: a read needs no ORM bookkeeping
-    total = connection.execute(
-        select(func.count()).select_from(Book).where(*conditions)
-    ).scalar_one()
-    sort_field = filters.sort.lstrip("-")
+def like_pattern(text: str) -> str:
+    """A LIKE pattern (with ESCAPE '/') that finds `text` anywhere; % and _ are plain."""
+    return "%" + text.replace("/", "//").replace("%", "/%").replace("_", "/_") + "%"
+
+
+# The filters of a list of books, each a condition on a parameter of its own name.
+# Like BOOK_BY_ID, the statements are built once (for each combination of filters
+# and sort, by book_queries) and run with the values of each request.
+BOOK_CONDITIONS = {
+    "q": col(Book.title).ilike(bindparam("q"), escape="/")
+    | col(Book.author).ilike(bindparam("q"), escape="/"),
+    # On SQLite, a q of 3 or more characters is a phrase looked up in book_search.
+    "phrase": col(Book.id).in_(
+        sql_text(
+            "SELECT rowid FROM book_search WHERE book_search MATCH :phrase"
+        ).columns(column("rowid"))
+    ),
+    "author": col(Book.author).ilike(bindparam("author"), escape="/"),
+    "in_stock": (col(Book.stock) > 0) == bindparam("in_stock"),
+    "min_price": col(Book.price) >= bindparam("min_price"),
+    "max_price": col(Book.price) <= bindparam("max_price"),
+    "year": col(Book.year) == bindparam("year"),
+}
+
+
+@cache
+def book_queries(filters: frozenset[str], sort: str) -> tuple[Select, Select]:
+    """Statements that count the books matching `filters`, and read a page of them."""
+    conditions = [BOOK_CONDITIONS[name] for name in BOOK_CONDITIONS if name in filters]
+    count = select(func.count()).select_from(Book).where(*conditions)
+    sort_field = sort.lstrip("-")
     field = col(getattr(Book, sort_field))
     if sort_field in ("title", "author"):
         field = func.lower(field)  # the same case-insensitive order on every database
     # Ties are broken by id, in the same direction, so that pages never overlap.
-    if filters.sort.startswith("-"):
+    if sort.startswith("-"):
         order_by = [field.desc(), col(Book.id).desc()]
     else:
         order_by = [field, col(Book.id)]
     # The page's ids first, then their rows: skipping 90,000 books is cheap in the
     # index of ids and slow in the table, whose rows are large.
-    page = (
+    ids = (
         select(Book.id)
         .where(*conditions)
         .order_by(*order_by)
-        .offset(filters.offset)
-        .limit(filters.limit)
+        .offset(bindparam("offset"))
+        .limit(bindparam("limit"))
         .subquery()
     )
-    # Rows as dicts, not Book objects: a page is only read, and 20 tracked ORM
-    # objects cost more to build, and to read back, than the query takes.
-    query = select(*Book.__table__.columns).join(page, col(Book.id) == page.c.id)
-    rows = connection.execute(query.order_by(*order_by)).mappings()
-    return [dict(row) for row in rows], total
+    page = select(*Book.__table__.columns).join(ids, col(Book.id) == ids.c.id)
+    return count, page.order_by(*order_by)
 
 
-def title_or_author_contains(session: Session, text: str):
-    """Books whose title or author contains `text`, in any case; % and _ are plain."""
-    if session.get_bind().dialect.name == "sqlite" and len(text) >= 3:
-        # SQLite's trigram index matches a quoted phrase anywhere in the words.
-        phrase = '"' + text.replace('"', '""') + '"'
-        search = sql_text(
-            "SELECT rowid FROM book_search WHERE book_search MATCH :phrase"
-        )
-        return col(Book.id).in_(
-            search.bindparams(phrase=phrase).columns(column("rowid"))
-        )
-    title, author = col(Book.title), col(Book.author)
-    return title.icontains(text, autoescape=True) | author.icontains(
-        text, autoescape=True
-    )
+def find_books(session: Session, filters: BookFilter) -> tuple[Sequence[Row], int]:
+    """A page of the books that match `filters`, and how many match in all."""
+    values = filters.model_dump(exclude_none=True, exclude={"offset", "limit", "sort"})
+    if "q" in values:
+        if session.get_bind().dialect.name == "sqlite" and len(filters.q) >= 3:
+            # SQLite's trigram index matches a quoted phrase anywhere in the words.
+            values["phrase"] = '"' + values.pop("q").replace('"', '""') + '"'
+        else:
+            values["q"] = like_pattern(filters.q)
+    if "author" in values:
+        values["author"] = like_pattern(filters.author)
+    count, page = book_queries(frozenset(values), filters.sort)
+    # Rows, not Book objects: a page is only read, and 20 tracked ORM objects cost
+    # more to build, and to read back, than the query takes.
+    connection = session.connection()
+    total = connection.execute(count, values).scalar_one()
+    values |= {"offset": filters.offset, "limit": filters.limit}
+    return connection.execute(page, values).all(), total
 
 
 @app.get("/books", response_model=list[BookPublic])
@@ -937,6 +956,20 @@ def find_keyed_order(session: Session, key: str, request_hash: str) -> Order | N
     return order
 
 
+# Built once, like BOOK_BY_ID. Copies are taken in one statement that checks and
+# changes the stock together: two orders for the last copy cannot both get it.
+TAKE_COPIES = (
+    update(Book)
+    .where(
+        col(Book.id) == bindparam("book_id"), col(Book.stock) >= bindparam("quantity")
+    )
+    .values(stock=col(Book.stock) - bindparam("quantity"), updated_at=bindparam("now"))
+)
+TITLES_AND_PRICES = select(Book.id, Book.title, Book.price).where(
+    col(Book.id).in_(bindparam("ids", expanding=True))
+)
+
+
 def place_order(
     session: Session, order_in: OrderCreate, key: str | None, request_hash: str
 ) -> tuple[Order, bool]:
@@ -947,13 +980,10 @@ def place_order(
     now = utcnow()
     # Books in id order: two orders lock the books they share in the same order,
     # so they never deadlock.
+    connection = session.connection()
     for item in sorted(order_in.items, key=lambda item: item.book_id):
-        deducted = session.exec(
-            update(Book)
-            .where(col(Book.id) == item.book_id, col(Book.stock) >= item.quantity)
-            .values(stock=col(Book.stock) - item.quantity, updated_at=now)
-        ).rowcount
-        if not deducted:
+        copies = {"book_id": item.book_id, "quantity": item.quantity, "now": now}
+        if not connection.execute(TAKE_COPIES, copies).rowcount:
             session.rollback()  # puts back what earlier items took
             book = get_book_or_404(session, item.book_id)
             raise HTTPException(
@@ -964,7 +994,7 @@ def place_order(
     book_ids = [item.book_id for item in order_in.items]
     books = {
         book.id: book
-        for book in session.exec(select(Book).where(col(Book.id).in_(book_ids)))
+        for book in connection.execute(TITLES_AND_PRICES, {"ids": book_ids})
     }
     items = [
         OrderItem(

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -435,6 +436,8 @@ def test_list_books_default_limit_is_20(client):
         ({"q": "_"}, ["100% Pure_Code"]),
         ({"author": "AUSTEN"}, ["Emma", "Persuasion"]),
         ({"author": "dune"}, []),
+        ({"author": "%"}, []),
+        ({"author": "_"}, []),
         ({"in_stock": True}, ["Dune", "100% Pure_Code", "Persuasion"]),
         ({"in_stock": False}, ["Emma", "The Hobbit"]),
         ({"min_price": "10.99"}, ["Dune", "100% Pure_Code", "The Hobbit"]),
@@ -509,6 +512,14 @@ def test_search_follows_changes_to_titles_and_authors(client, engine):
         assert titles(client.get("/books", params={"q": q})) == expected
     client.delete(f"/books/{dune['id']}")
     assert titles(client.get("/books", params={"q": "dune"})) == []
+
+
+@pytest.mark.parametrize("q", ["/", "C/D", "AC/DC"])
+def test_search_treats_the_like_escape_character_as_plain_text(client, q):
+    create_book(client, title="AC/DC", author="Murray Engleheart")
+    create_book(client, title="ACDC")
+    assert titles(client.get("/books", params={"q": q})) == ["AC/DC"]
+    assert titles(client.get("/books", params={"author": "/"})) == []
 
 
 @pytest.mark.parametrize("q", ['"dune', 'du"ne"', "NEAR(dune)", "dune OR x", "*"])
@@ -914,6 +925,29 @@ def test_shipped_and_delivered_orders_cannot_be_cancelled(client, engine, status
 
 
 # --- Concurrency (threads) ------------------------------------------------------------
+
+
+def test_writes_to_sqlite_queue_for_one_thread(client, engine, monkeypatch):
+    threads = []
+
+    def record_thread(work):
+        def wrapper(*args):
+            threads.append((work.__name__, threading.current_thread().name))
+            return work(*args)
+
+        return wrapper
+
+    for name in ("save_book", "read_book_or_404", "place_order"):
+        monkeypatch.setattr(main, name, record_thread(getattr(main, name)))
+    book = create_book(client)
+    client.get(f"/books/{book['id']}")
+    place_order(client, (book["id"], 1))
+    writer = "sqlite-writer" if engine.dialect.name == "sqlite" else "database"
+    assert [(name, thread.rsplit("_", 1)[0]) for name, thread in threads] == [
+        ("save_book", writer),
+        ("read_book_or_404", "database"),
+        ("place_order", writer),
+    ]
 
 
 def test_concurrent_orders_and_stock_changes_never_oversell(tmp_path):
