@@ -323,9 +323,8 @@ class BookCreate(BookBase):
 
 
 class BookPublic(BaseModel):
-    # Pydantic's BaseModel, with plain types: an answer is built in pydantic's core,
-    # where SQLModel runs its own __init__ in Python for each book of a page; and
-    # what the database holds passed the input rules already.
+    # BaseModel: SQLModel runs an __init__ of its own, in Python, for each book of a
+    # page. Plain types: what the database holds passed the input rules already.
     model_config = ConfigDict(from_attributes=True)
 
     id: int
