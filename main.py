@@ -98,11 +98,18 @@ T = TypeVar("T")
 
 def make_engine(url: str) -> Engine:
     """An engine for `url`; on SQLite, set up so that several processes can share the file."""
-    # As many pooled connections as worker threads: no thread waits for a
-    # connection, and none opens a short-lived one of its own.
-    pool = {"pool_size": WORKER_THREADS, "max_overflow": 0}
+    # As many pooled connections as threads that talk to the database (on SQLite,
+    # sqlite_writer too): no thread waits for a connection, and none opens a
+    # short-lived one of its own.
     if not url.startswith("sqlite"):
-        return create_engine(url, echo=SQL_ECHO, pool_pre_ping=True, **pool)
+        return create_engine(
+            url,
+            echo=SQL_ECHO,
+            pool_pre_ping=True,
+            pool_size=WORKER_THREADS,
+            max_overflow=0,
+        )
+    pool = {"pool_size": WORKER_THREADS + 1, "max_overflow": 0}
     if url == "sqlite://":  # in memory: the database lives in its one connection
         pool = {"poolclass": StaticPool}
     # isolation_level="IMMEDIATE" makes the driver open every write transaction

@@ -167,6 +167,16 @@ def test_health_is_503_when_the_database_cannot_be_reached(client):
     assert response.json() == {"detail": "Database unavailable"}
 
 
+def test_sqlite_writer_gets_a_connection_while_every_reader_holds_one(tmp_path):
+    engine = make_engine(f"sqlite:///{tmp_path}/pool.db")
+    readers = [engine.connect() for _ in range(main.WORKER_THREADS)]
+    with ThreadPoolExecutor(max_workers=1) as sqlite_writer:
+        writer = sqlite_writer.submit(engine.connect).result(timeout=5)
+    for connection in [*readers, writer]:
+        connection.close()
+    engine.dispose()
+
+
 def test_docs_and_schema_are_served(client):
     assert client.get("/docs").status_code == 200
     assert client.get("/openapi.json").status_code == 200
