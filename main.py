@@ -8,15 +8,19 @@ import asyncio
 import hashlib
 import logging
 import os
+import random
 import re
 import secrets
+import socket
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
 from functools import cache
+from math import ceil
 from typing import Annotated, Literal, TypeVar
 
 from fastapi import (
@@ -60,7 +64,14 @@ from sqlalchemy import (
 )
 from sqlalchemy import text as sql_text
 from sqlalchemy.dialects import mysql
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import (
+    DBAPIError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    SQLAlchemyError,
+)
+from sqlalchemy.orm.exc import StaleDataError
 from sqlalchemy.pool import StaticPool
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import (
@@ -70,6 +81,7 @@ from sqlmodel import (
     SQLModel,
     col,
     create_engine,
+    delete,
     func,
     select,
     update,
@@ -81,12 +93,18 @@ from starlette.routing import Match
 DATABASE_URL = os.environ.get("DATABASE_URL", "sqlite:///./bookstore.db")
 SQL_ECHO = os.environ.get("SQL_ECHO", "").lower() in ("1", "true", "yes", "on")
 ADMIN_TOKEN = os.environ.get("BOOKSTORE_ADMIN_TOKEN") or None
+# Seconds a request may wait for the database in all (connecting, locks, statements).
+DB_TIMEOUT = float(os.environ.get("DB_TIMEOUT", "10"))
+# A transaction that meets a transient conflict runs again, this many times at most.
+# A lock is waited for a third of DB_TIMEOUT, so that a second run still fits in it.
+MAX_ATTEMPTS = 3
+LOCK_TIMEOUT = DB_TIMEOUT / MAX_ATTEMPTS
 
 MAX_ID = 2_147_483_647  # the largest key that every database's INTEGER holds
 MAX_STOCK = 1_000_000_000
 MAX_BODY_BYTES = 1024 * 1024
 # Requests hold a worker thread only while they talk to the database (see
-# in_thread): a few threads are enough, and each keeps its own SQLite page cache.
+# in_transaction): a few threads are enough, and each keeps its own SQLite page cache.
 WORKER_THREADS = 8
 
 log = logging.getLogger("uvicorn.error")
@@ -97,15 +115,31 @@ T = TypeVar("T")
 
 
 def make_engine(url: str) -> Engine:
-    """An engine for `url`; on SQLite, set up so that several processes can share the file."""
+    """An engine for `url`, with every wait bounded by DB_TIMEOUT; on SQLite, set up
+    so that several processes can share the file."""
     # As many pooled connections as threads that talk to the database (on SQLite,
     # sqlite_writer too): no thread waits for a connection, and none opens a
-    # short-lived one of its own.
+    # short-lived one of its own. No pre-ping: a connection found dead runs its
+    # transaction again on a new one (see run_transaction).
+    if url.startswith("postgresql"):
+        milliseconds = round(DB_TIMEOUT * 1000)
+        timeouts = f"-c statement_timeout={milliseconds} -c lock_timeout={milliseconds // MAX_ATTEMPTS}"
+        connect_args = {
+            "connect_timeout": max(2, ceil(DB_TIMEOUT)),
+            "options": timeouts,
+        }
+    elif url.startswith(("mysql", "mariadb")):
+        connect_args = {
+            "connect_timeout": DB_TIMEOUT,
+            "read_timeout": DB_TIMEOUT,  # also bounds a statement: a client-side timeout
+            "write_timeout": DB_TIMEOUT,
+            "init_command": f"SET innodb_lock_wait_timeout = {max(1, round(LOCK_TIMEOUT))}",
+        }
     if not url.startswith("sqlite"):
         return create_engine(
             url,
             echo=SQL_ECHO,
-            pool_pre_ping=True,
+            connect_args=connect_args,
             pool_size=WORKER_THREADS,
             max_overflow=0,
         )
@@ -114,21 +148,19 @@ def make_engine(url: str) -> Engine:
         pool = {"poolclass": StaticPool}
     # isolation_level="IMMEDIATE" makes the driver open every write transaction
     # with BEGIN IMMEDIATE: the write lock is taken up front, where SQLite can
-    # wait for it, instead of at the first write, where it answers "locked".
-    connect_args = {"check_same_thread": False, "isolation_level": "IMMEDIATE"}
+    # wait for it (timeout), instead of at the first write, where it answers "locked".
+    connect_args = {
+        "check_same_thread": False,
+        "isolation_level": "IMMEDIATE",
+        "timeout": LOCK_TIMEOUT,
+    }
     engine = create_engine(url, echo=SQL_ECHO, connect_args=connect_args, **pool)
 
     @event.listens_for(engine, "connect")
     def set_sqlite_pragmas(dbapi_connection, _connection_record):
         # WAL: readers never wait for the writer, and NORMAL sync is safe with it.
-        # busy_timeout: wait up to 30 s for another process's write to finish.
         # foreign_keys: SQLite ignores REFERENCES unless asked.
-        for pragma in (
-            "journal_mode=WAL",
-            "synchronous=NORMAL",
-            "busy_timeout=30000",
-            "foreign_keys=ON",
-        ):
+        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON"):
             dbapi_connection.execute(f"PRAGMA {pragma}")
 
     return engine
@@ -185,6 +217,24 @@ class UTCDateTime(TypeDecorator):
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+class ExactText(TypeDecorator):
+    """VARCHAR that compares exactly on every database: MySQL's default collation
+    ignores case, and its _bin collations ignore trailing spaces."""
+
+    impl = String
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect):
+        if dialect.name not in ("mysql", "mariadb"):
+            return self.impl_instance
+        collation = "utf8mb4_nopad_bin" if dialect.is_mariadb else "utf8mb4_0900_bin"
+        return mysql.VARCHAR(self.impl_instance.length, collation=collation)
+
+
+# Full Unicode text on MySQL/MariaDB, whatever the database's default character set.
+MYSQL_UTF8 = {"mysql_charset": "utf8mb4"}
 
 
 # --- Field types shared by the models ---------------------------------------------
@@ -275,7 +325,10 @@ class BookBase(SQLModel):
 
 
 class Book(BookBase, table=True):
-    __table_args__ = (CheckConstraint("stock >= 0", name="stock_not_negative"),)
+    __table_args__ = (
+        CheckConstraint("stock >= 0", name="stock_not_negative"),
+        MYSQL_UTF8,
+    )
 
     # index=True on the key too: an index of ids alone is a fraction of the size of
     # the table, so counting, or skipping to page 4,500, reads a fraction of the pages.
@@ -421,6 +474,7 @@ class OrderItemBase(SQLModel):
 
 
 class OrderItem(OrderItemBase, table=True):
+    __table_args__ = MYSQL_UTF8
     id: int | None = Field(default=None, primary_key=True)
     order_id: int = Field(foreign_key="order.id", index=True)
     title: str
@@ -438,31 +492,25 @@ class OrderItemPublic(OrderItemBase):
     line_total: Amount
 
 
-def case_sensitive_text(length: int) -> String:
-    """VARCHAR that compares case-sensitively on every database (MySQL's default does not)."""
-    return String(length).with_variant(
-        mysql.VARCHAR(length, collation="utf8mb4_bin"), "mysql", "mariadb"
-    )
-
-
 class OrderBase(SQLModel):
     customer: Text = Field(
         min_length=1,
         max_length=200,
         index=True,
-        sa_type=case_sensitive_text(200),
+        sa_type=ExactText(200),
         description="A name or an e-mail",
     )
 
 
 class Order(OrderBase, table=True):
+    __table_args__ = MYSQL_UTF8
     id: int | None = Field(default=None, primary_key=True)
     status: OrderStatus = Field(
         default=OrderStatus.pending, sa_type=String(10), index=True
     )
     total: Decimal = Field(sa_type=Money(15))
     idempotency_key: str | None = Field(
-        default=None, unique=True, sa_type=case_sensitive_text(255)
+        default=None, unique=True, sa_type=ExactText(255)
     )
     request_hash: str | None = Field(default=None, max_length=64)
     created_at: datetime = Field(
@@ -557,7 +605,7 @@ class OrderFilter(Page):
 
 async def get_session() -> Session:
     # Creating a session does no I/O, so this runs in the event loop. The session
-    # is used, and closed, in a worker thread: see in_thread below.
+    # is used, and closed, in a worker thread: see in_transaction below.
     return Session(engine, expire_on_commit=False)
 
 
@@ -569,33 +617,93 @@ SessionDep = Annotated[Session, Depends(get_session)]
 database_threads = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="database")
 # SQLite lets one transaction write at a time. This process's writes to SQLite run
 # one after another in a thread of their own, where they queue without holding a
-# thread, instead of sleeping in SQLite's busy handler.
+# thread, instead of sleeping in SQLite's busy handler. An in-memory database is
+# one connection, which only one thread may use at a time: all its work runs here.
 sqlite_writer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
 
-
-async def get_write_session(session: SessionDep) -> Session:
-    if session.get_bind().dialect.name == "sqlite":
-        session.info["threads"] = sqlite_writer  # for in_thread
-    return session
+# Conflicts that the same transaction, run again, can get past: SQLite busy;
+# PostgreSQL serialization failure, deadlock, lock timeout; MySQL lock timeout, deadlock.
+TRANSIENT_ERRORS = {"SQLITE_BUSY", "40001", "40P01", "55P03", 1205, 1213}
 
 
-WriteSessionDep = Annotated[Session, Depends(get_write_session)]
+def is_transient(error: DBAPIError) -> bool:
+    code = (
+        getattr(error.orig, "sqlite_errorname", None)
+        or getattr(error.orig, "sqlstate", None)
+        or error.orig.args[0]
+    )
+    return code in TRANSIENT_ERRORS
 
 
-async def in_thread(work: Callable[..., T], session: Session, *args) -> T:
-    """Call work(session, *args) in a worker thread, and close the session there.
+def run_transaction(session: Session, work: Callable[..., T], args: tuple) -> T:
+    """Run work(session, *args) and commit, as one transaction, in a worker thread.
+
+    A transient conflict, or a connection found dead before the commit, rolls the
+    transaction back and runs it again after a short random pause, a few times at
+    most and within DB_TIMEOUT. Any other failure of the database is a 503.
+    """
+    deadline = time.monotonic() + DB_TIMEOUT
+    attempt = 0
+    with session:
+        while True:
+            attempt += 1
+            committing = False
+            try:
+                # The socket the transaction runs on, for cut_off to find.
+                dbapi_connection = session.connection().connection.dbapi_connection
+                if hasattr(dbapi_connection, "fileno"):
+                    session.info["fileno"] = dbapi_connection.fileno()
+                result = work(session, *args)
+                committing = True
+                session.commit()
+                return result
+            except (OperationalError, InterfaceError) as error:
+                session.rollback()
+                retry = is_transient(error) or (
+                    error.connection_invalidated and not committing
+                )
+                if not retry or attempt == MAX_ATTEMPTS or time.monotonic() > deadline:
+                    log.error("Database unavailable, answering 503: %s", error.orig)
+                    raise HTTPException(
+                        503,
+                        "Database unavailable",
+                        headers={"Retry-After": "2"},
+                    ) from None
+                time.sleep(random.uniform(0, 0.05 * attempt))
+
+
+def cut_off(session: Session) -> None:
+    """Shut the socket of a transaction that has outlived DB_TIMEOUT.
+
+    Its blocked call then fails, and the pool discards the connection. PyMySQL has
+    read_timeout for this, and SQLite no socket; psycopg has no client-side timeout,
+    and would wait forever for a database behind a network partition.
+    """
+    if fileno := session.info.get("fileno"):
+        with suppress(OSError), socket.socket(fileno=os.dup(fileno)) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+async def in_transaction(
+    session: Session, work: Callable[..., T], *args, write: bool = False
+) -> T:
+    """Run work(session, *args) in a worker thread, as one transaction (run_transaction).
 
     Database calls block, and in the event loop they would stall every request.
     The endpoints are `async def` and hand their database work to a thread in one
     hop, while validation and JSON stay in the loop, where they cost no hop.
     """
-
-    def run() -> T:
-        with session:
-            return work(session, *args)
-
-    threads = session.info.get("threads", database_threads)
-    return await asyncio.get_running_loop().run_in_executor(threads, run)
+    bind = session.get_bind()
+    one_thread = bind.dialect.name == "sqlite" and (
+        write or isinstance(bind.pool, StaticPool)
+    )
+    threads = sqlite_writer if one_thread else database_threads
+    loop = asyncio.get_running_loop()
+    watchdog = loop.call_later(DB_TIMEOUT, cut_off, session)
+    try:
+        return await loop.run_in_executor(threads, run_transaction, session, work, args)
+    finally:
+        watchdog.cancel()
 
 
 @asynccontextmanager
@@ -615,6 +723,9 @@ async def lifespan(app: FastAPI):
             "BOOKSTORE_ADMIN_TOKEN is not set: anyone may change the catalogue and orders (demo mode)"
         )
     yield
+    # Requests in flight have finished. Closing the connections makes SQLite fold
+    # its write-ahead log into the database file, which then holds every change.
+    engine.dispose()
 
 
 class LimitBodySize:
@@ -641,29 +752,64 @@ class LimitBodySize:
 
 
 class SameWithTrailingSlash:
-    """Route /books/ as /books, answering directly instead of with a 307 redirect."""
+    """Route /books/ as /books, answering directly instead of with a 307 redirect,
+    and HEAD as GET without the body. An encoded slash (/books/1%2F) is no slash."""
 
     def __init__(self, app):
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        path = scope.get("path", "")
-        if len(path) > 1 and path.endswith("/"):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        if len(path) > 1 and scope.get("raw_path", b"").endswith(b"/"):
             scope = {**scope, "path": path.rstrip("/") or "/"}
-        await self.app(scope, receive, send)
+        if scope["method"] != "HEAD":
+            return await self.app(scope, receive, send)
+
+        async def send_headers_only(message):
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, send_headers_only)
 
 
 def answers(*status_codes: int) -> dict:
-    """The OpenAPI entries of error answers: each body is {"detail": "..."}."""
-    return {code: {"model": Message} for code in status_codes}
+    """The OpenAPI entries of a route that uses the database: its error answers,
+    each {"detail": "..."}, and 503 when the database is unavailable."""
+    entries: dict = {code: {"model": Message} for code in status_codes}
+    entries[503] = {"model": Message, "headers": {"Retry-After": RETRY_AFTER}}
+    return entries
 
+
+RETRY_AFTER = {"description": "Seconds to wait", "schema": {"type": "integer"}}
+LOCATION = {
+    201: {
+        "headers": {
+            "Location": {
+                "description": "The new resource's path",
+                "schema": {"type": "string"},
+            }
+        }
+    }
+}
+TOTAL_COUNT = {
+    200: {
+        "headers": {
+            "X-Total-Count": {
+                "description": "How many match in all",
+                "schema": {"type": "integer"},
+            }
+        }
+    }
+}
 
 app = FastAPI(
     title="BookStore",
     version="1.0.0",
     description="A book catalogue, its stock and its orders.",
     lifespan=lifespan,
-    responses=answers(413),
 )
 app.add_middleware(LimitBodySize)
 app.add_middleware(SameWithTrailingSlash)
@@ -724,15 +870,12 @@ async def root():
 
 
 def ping(session: Session) -> None:
-    try:
-        session.exec(select(1)).one()
-    except SQLAlchemyError:
-        raise HTTPException(503, "Database unavailable") from None
+    session.exec(select(1)).one()
 
 
-@app.get("/health", responses=answers(503))
+@app.get("/health", responses=answers())
 async def health(session: SessionDep):
-    await in_thread(ping, session)
+    await in_transaction(session, ping)
     return {"status": "ok"}
 
 
@@ -760,23 +903,26 @@ def read_book_or_404(session: Session, book_id: int) -> Row:
 
 
 def save_book(session: Session, book: Book) -> Book:
-    """Commit `book`; a second book with the same ISBN is a 409, not a 500."""
-    isbn = book.isbn  # a failed commit expires the book's attributes
+    """Write `book`; a second book with the same ISBN is a 409, not a 500."""
+    isbn = book.isbn  # a failed flush leaves the book unreadable
     session.add(book)
     try:
-        session.commit()
+        session.flush()
     except IntegrityError:
         raise HTTPException(409, f"A book with ISBN {isbn} already exists") from None
     return book
 
 
 @admin.post(
-    "/books", status_code=201, response_model=BookPublic, responses=answers(400, 409)
+    "/books",
+    status_code=201,
+    response_model=BookPublic,
+    responses=answers(400, 409, 413) | LOCATION,
 )
-async def create_book(book: BookCreate, session: WriteSessionDep, response: Response):
+async def create_book(book: BookCreate, session: SessionDep, response: Response):
     now = utcnow()
     db_book = Book.model_validate(book, update={"created_at": now, "updated_at": now})
-    await in_thread(save_book, session, db_book)
+    await in_transaction(session, save_book, db_book, write=True)
     response.headers["Location"] = f"/books/{db_book.id}"
     return db_book
 
@@ -854,55 +1000,65 @@ def find_books(session: Session, filters: BookFilter) -> tuple[Sequence[Row], in
     return connection.execute(page, values).all(), total
 
 
-@app.get("/books", response_model=list[BookPublic])
+@app.get("/books", response_model=list[BookPublic], responses=answers() | TOTAL_COUNT)
 async def list_books(
     filters: Annotated[BookFilter, Query()], session: SessionDep, response: Response
 ):
-    books, total = await in_thread(find_books, session, filters)
+    books, total = await in_transaction(session, find_books, filters)
     response.headers["X-Total-Count"] = str(total)
     return books
 
 
 @app.get("/books/{book_id}", response_model=BookPublic, responses=answers(404))
 async def read_book(book_id: PathId, session: SessionDep):
-    return await in_thread(read_book_or_404, session, book_id)
+    return await in_transaction(session, read_book_or_404, book_id)
 
 
 def update_book_fields(session: Session, book_id: int, fields: dict) -> Book:
     book = get_book_or_404(session, book_id)
     book.sqlmodel_update(fields)
     book.updated_at = utcnow()
-    return save_book(session, book)
+    try:
+        return save_book(session, book)
+    except StaleDataError:  # deleted by a concurrent request since it was read
+        raise HTTPException(404, f"Book {book_id} not found") from None
 
 
 @admin.patch(
-    "/books/{book_id}", response_model=BookPublic, responses=answers(400, 404, 409)
+    "/books/{book_id}",
+    response_model=BookPublic,
+    responses=answers(400, 404, 409, 413),
 )
 @admin.put(
     "/books/{book_id}",
     response_model=BookPublic,
-    responses=answers(400, 404, 409),
+    responses=answers(400, 404, 409, 413),
     description="The same partial update as PATCH.",
 )
-async def update_book(book_id: PathId, book: BookUpdate, session: WriteSessionDep):
+async def update_book(book_id: PathId, book: BookUpdate, session: SessionDep):
     # exclude_unset: only the fields the client sent, so the others stay as they are.
     fields = book.model_dump(exclude_unset=True)
-    return await in_thread(update_book_fields, session, book_id, fields)
+    return await in_transaction(
+        session, update_book_fields, book_id, fields, write=True
+    )
 
 
 def delete_book_row(session: Session, book_id: int) -> None:
-    session.delete(get_book_or_404(session, book_id))
+    # One DELETE whose row count says whether the book was there: of two
+    # concurrent deletes, one finds the book and the other a 404.
     try:
-        session.commit()
+        deleted = session.exec(delete(Book).where(col(Book.id) == book_id)).rowcount
     except IntegrityError:  # order_item's foreign key: order history is never lost
         raise HTTPException(
             409, f"Book {book_id} is in orders and cannot be deleted"
         ) from None
+    if not deleted:
+        raise HTTPException(404, f"Book {book_id} not found")
 
 
 @admin.delete("/books/{book_id}", status_code=204, responses=answers(404, 409))
-async def delete_book(book_id: PathId, session: WriteSessionDep):
-    await in_thread(delete_book_row, session, book_id)
+async def delete_book(book_id: PathId, session: SessionDep):
+    await in_transaction(session, delete_book_row, book_id, write=True)
 
 
 # --- Stock ------------------------------------------------------------------------
@@ -914,16 +1070,18 @@ def stock_of(book: Book) -> StockPublic:
 
 @app.get("/books/{book_id}/stock", response_model=StockPublic, responses=answers(404))
 async def read_stock(book_id: PathId, session: SessionDep):
-    return stock_of(await in_thread(get_book_or_404, session, book_id))
+    return stock_of(await in_transaction(session, get_book_or_404, book_id))
 
 
 def add_stock(session: Session, book_id: int, delta: int) -> Book:
     # One conditional UPDATE: the database checks and changes the stock in a
-    # single step, so concurrent changes can neither be lost nor go below 0.
+    # single step, so concurrent changes can neither be lost nor go below 0. A
+    # write-off needs no upper bound: a cancel may have lifted the stock past it.
     new_stock = col(Book.stock) + delta
+    within_range = new_stock >= 0 if delta < 0 else new_stock <= MAX_STOCK
     changed = session.exec(
         update(Book)
-        .where(col(Book.id) == book_id, new_stock >= 0, new_stock <= MAX_STOCK)
+        .where(col(Book.id) == book_id, within_range)
         .values(stock=new_stock, updated_at=utcnow())
     ).rowcount
     book = get_book_or_404(session, book_id)
@@ -933,17 +1091,17 @@ def add_stock(session: Session, book_id: int, delta: int) -> Book:
             f"Stock of book {book_id} is {book.stock}: a change of {delta} "
             f"would take it outside 0..{MAX_STOCK}",
         )
-    session.commit()
     return book
 
 
 @admin.post(
     "/books/{book_id}/stock",
     response_model=StockPublic,
-    responses=answers(400, 404, 409),
+    responses=answers(400, 404, 409, 413),
 )
-async def change_stock(book_id: PathId, change: StockChange, session: WriteSessionDep):
-    return stock_of(await in_thread(add_stock, session, book_id, change.delta))
+async def change_stock(book_id: PathId, change: StockChange, session: SessionDep):
+    book = await in_transaction(session, add_stock, book_id, change.delta, write=True)
+    return stock_of(book)
 
 
 # --- Orders -----------------------------------------------------------------------
@@ -984,13 +1142,30 @@ def place_order(
     if key and (order := find_keyed_order(session, key, request_hash)):
         return order, False
     now = utcnow()
+    order = Order(
+        customer=order_in.customer,
+        total=Decimal(0),
+        idempotency_key=key,
+        request_hash=request_hash,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(order)
+    if key:
+        # The key is claimed before any stock is taken: a concurrent retry waits
+        # here, at the key's unique index, until this order is placed, and then
+        # finds it; it is never told that the last copies are gone.
+        try:
+            session.flush()
+        except IntegrityError:
+            session.rollback()
+            return find_keyed_order(session, key, request_hash), False
     # Books in id order: two orders lock the books they share in the same order,
     # so they never deadlock.
     connection = session.connection()
     for item in sorted(order_in.items, key=lambda item: item.book_id):
         copies = {"book_id": item.book_id, "quantity": item.quantity, "now": now}
         if not connection.execute(TAKE_COPIES, copies).rowcount:
-            session.rollback()  # puts back what earlier items took
             book = get_book_or_404(session, item.book_id)
             raise HTTPException(
                 409,
@@ -1002,7 +1177,7 @@ def place_order(
         book.id: book
         for book in connection.execute(TITLES_AND_PRICES, {"ids": book_ids})
     }
-    items = [
+    order.items = [
         OrderItem(
             book_id=item.book_id,
             quantity=item.quantity,
@@ -1012,24 +1187,7 @@ def place_order(
         )
         for item in order_in.items
     ]
-    order = Order(
-        customer=order_in.customer,
-        items=items,
-        total=sum(item.line_total for item in items),
-        idempotency_key=key,
-        request_hash=request_hash,
-        created_at=now,
-        updated_at=now,
-    )
-    session.add(order)
-    try:
-        session.commit()
-    except IntegrityError:
-        # Stock is locked and checked above: only the key can clash. A concurrent
-        # request with the same key committed first, and its order is the answer.
-        assert key, "an IntegrityError without an Idempotency-Key"
-        session.rollback()
-        return find_keyed_order(session, key, request_hash), False
+    order.total = sum(item.line_total for item in order.items)
     return order, True
 
 
@@ -1037,12 +1195,13 @@ def place_order(
     "/orders",
     status_code=201,
     response_model=OrderPublic,
-    responses=answers(400, 404, 409)
+    responses=answers(400, 404, 409, 413)
+    | LOCATION
     | {200: {"model": OrderPublic, "description": "A retry"}},
 )
 async def create_order(
     order_in: OrderCreate,
-    session: WriteSessionDep,
+    session: SessionDep,
     response: Response,
     idempotency_key: Annotated[
         str | None,
@@ -1054,8 +1213,8 @@ async def create_order(
     ] = None,
 ):
     request_hash = hashlib.sha256(order_in.model_dump_json().encode()).hexdigest()
-    order, placed = await in_thread(
-        place_order, session, order_in, idempotency_key, request_hash
+    order, placed = await in_transaction(
+        session, place_order, order_in, idempotency_key, request_hash, write=True
     )
     if placed:
         response.headers["Location"] = f"/orders/{order.id}"
@@ -1080,11 +1239,13 @@ def find_orders(session: Session, filters: OrderFilter) -> tuple[list[Order], in
     return list(orders), total
 
 
-@admin.get("/orders", response_model=list[OrderPublic])
+@admin.get(
+    "/orders", response_model=list[OrderPublic], responses=answers() | TOTAL_COUNT
+)
 async def list_orders(
     filters: Annotated[OrderFilter, Query()], session: SessionDep, response: Response
 ):
-    orders, total = await in_thread(find_orders, session, filters)
+    orders, total = await in_transaction(session, find_orders, filters)
     response.headers["X-Total-Count"] = str(total)
     return orders
 
@@ -1098,7 +1259,7 @@ def get_order_or_404(session: Session, order_id: int) -> Order:
 
 @admin.get("/orders/{order_id}", response_model=OrderPublic, responses=answers(404))
 async def read_order(order_id: PathId, session: SessionDep):
-    return await in_thread(get_order_or_404, session, order_id)
+    return await in_transaction(session, get_order_or_404, order_id)
 
 
 def move_order(
@@ -1134,19 +1295,20 @@ def move_order(
                 .where(col(Book.id) == item.book_id)
                 .values(stock=col(Book.stock) + item.quantity, updated_at=now)
             )
-    session.commit()
     return order
 
 
 @admin.patch(
     "/orders/{order_id}/status",
     response_model=OrderPublic,
-    responses=answers(400, 404, 409),
+    responses=answers(400, 404, 409, 413),
 )
 async def change_order_status(
-    order_id: PathId, change: StatusChange, session: WriteSessionDep
+    order_id: PathId, change: StatusChange, session: SessionDep
 ):
-    return await in_thread(move_order, session, order_id, change.status, False)
+    return await in_transaction(
+        session, move_order, order_id, change.status, False, write=True
+    )
 
 
 @admin.delete(
@@ -1155,8 +1317,10 @@ async def change_order_status(
     responses=answers(404, 409),
     description="Cancel the order and put its stock back; an order already cancelled stays as it is.",
 )
-async def cancel_order(order_id: PathId, session: WriteSessionDep):
-    return await in_thread(move_order, session, order_id, OrderStatus.cancelled, True)
+async def cancel_order(order_id: PathId, session: SessionDep):
+    return await in_transaction(
+        session, move_order, order_id, OrderStatus.cancelled, True, write=True
+    )
 
 
 app.include_router(admin)

@@ -165,6 +165,7 @@ def test_health_is_503_when_the_database_cannot_be_reached(client):
     response = client.get("/health")
     assert response.status_code == 503
     assert response.json() == {"detail": "Database unavailable"}
+    assert response.headers["Retry-After"] == "2"
 
 
 def test_sqlite_writer_gets_a_connection_while_every_reader_holds_one(tmp_path):
@@ -184,46 +185,24 @@ def test_docs_and_schema_are_served(client):
 
 def test_schema_declares_every_route_and_error_answer(client):
     paths = client.get("/openapi.json").json()["paths"]
+    # 413 where a body is read; 503 wherever the database is used.
+    with_body = {"200", "400", "401", "404", "409", "413", "422", "503"}
     expected = {
-        ("/books", "post"): {"201", "400", "401", "409", "413", "422"},
-        ("/books", "get"): {"200", "413", "422"},
-        ("/books/{book_id}", "get"): {"200", "404", "413", "422"},
-        ("/books/{book_id}", "patch"): {
-            "200",
-            "400",
-            "401",
-            "404",
-            "409",
-            "413",
-            "422",
-        },
-        ("/books/{book_id}", "put"): {"200", "400", "401", "404", "409", "413", "422"},
-        ("/books/{book_id}", "delete"): {"204", "401", "404", "409", "413", "422"},
-        ("/books/{book_id}/stock", "get"): {"200", "404", "413", "422"},
-        ("/books/{book_id}/stock", "post"): {
-            "200",
-            "400",
-            "401",
-            "404",
-            "409",
-            "413",
-            "422",
-        },
-        ("/orders", "post"): {"200", "201", "400", "404", "409", "413", "422"},
-        ("/orders", "get"): {"200", "401", "413", "422"},
-        ("/orders/{order_id}", "get"): {"200", "401", "404", "413", "422"},
-        ("/orders/{order_id}", "delete"): {"200", "401", "404", "409", "413", "422"},
-        ("/orders/{order_id}/status", "patch"): {
-            "200",
-            "400",
-            "401",
-            "404",
-            "409",
-            "413",
-            "422",
-        },
-        ("/health", "get"): {"200", "413", "503"},
-        ("/", "get"): {"200", "413"},
+        ("/books", "post"): {"201", "400", "401", "409", "413", "422", "503"},
+        ("/books", "get"): {"200", "422", "503"},
+        ("/books/{book_id}", "get"): {"200", "404", "422", "503"},
+        ("/books/{book_id}", "patch"): with_body,
+        ("/books/{book_id}", "put"): with_body,
+        ("/books/{book_id}", "delete"): {"204", "401", "404", "409", "422", "503"},
+        ("/books/{book_id}/stock", "get"): {"200", "404", "422", "503"},
+        ("/books/{book_id}/stock", "post"): with_body,
+        ("/orders", "post"): {"200", "201", "400", "404", "409", "413", "422", "503"},
+        ("/orders", "get"): {"200", "401", "422", "503"},
+        ("/orders/{order_id}", "get"): {"200", "401", "404", "422", "503"},
+        ("/orders/{order_id}", "delete"): {"200", "401", "404", "409", "422", "503"},
+        ("/orders/{order_id}/status", "patch"): with_body,
+        ("/health", "get"): {"200", "503"},
+        ("/", "get"): {"200"},
     }
     declared = {(path, method) for path, methods in paths.items() for method in methods}
     assert declared == set(expected)
@@ -235,12 +214,19 @@ def test_schema_declares_every_route_and_error_answer(client):
                 "schema"
             ]
             assert schema == {"$ref": "#/components/schemas/Message"}
+        if "503" in codes:
+            assert "Retry-After" in operation["responses"]["503"]["headers"]
+        if "201" in codes:
+            assert "Location" in operation["responses"]["201"]["headers"]
         if "requestBody" in operation:
             body = operation["requestBody"]["content"]["application/json"]["schema"]
             name = body["$ref"].split("/")[-1]
             assert client.get("/openapi.json").json()["components"]["schemas"][name][
                 "examples"
             ]
+    for path in ("/books", "/orders"):
+        headers = paths[path]["get"]["responses"]["200"]["headers"]
+        assert headers["X-Total-Count"]["schema"] == {"type": "integer"}
 
 
 def test_schema_examples_are_valid_requests(client):
@@ -938,6 +924,7 @@ def test_shipped_and_delivered_orders_cannot_be_cancelled(client, engine, status
 
 
 def test_writes_to_sqlite_queue_for_one_thread(client, engine, monkeypatch):
+    """And so does all the work of an in-memory database: one connection, one thread."""
     threads = []
 
     def record_thread(work):
@@ -953,9 +940,10 @@ def test_writes_to_sqlite_queue_for_one_thread(client, engine, monkeypatch):
     client.get(f"/books/{book['id']}")
     place_order(client, (book["id"], 1))
     writer = "sqlite-writer" if engine.dialect.name == "sqlite" else "database"
+    in_memory = engine.url.database in (None, "", ":memory:")
     assert [(name, thread.rsplit("_", 1)[0]) for name, thread in threads] == [
         ("save_book", writer),
-        ("read_book_or_404", "database"),
+        ("read_book_or_404", writer if in_memory else "database"),
         ("place_order", writer),
     ]
 
@@ -1212,8 +1200,14 @@ def test_a_body_over_1_mib_is_413_whether_announced_or_chunked(client, engine):
 # --- Admin token --------------------------------------------------------------------
 
 
+def own_engine(engine):
+    """An engine of its own on the same database (a new one, in memory), for a test
+    that runs the service's lifespan: the service disposes its engine at shutdown."""
+    return make_engine(engine.url.render_as_string(hide_password=False))
+
+
 def test_without_a_token_the_service_is_open_and_says_so(engine, caplog, monkeypatch):
-    monkeypatch.setattr(main, "engine", engine)
+    monkeypatch.setattr(main, "engine", own_engine(engine))
     with caplog.at_level(logging.WARNING, logger="uvicorn.error"), TestClient(app):
         pass
     assert "demo mode" in caplog.text
@@ -1277,7 +1271,7 @@ def test_with_a_token_only_the_shop_may_change_things(
 def test_with_a_token_the_service_does_not_claim_demo_mode(
     client, engine, admin_token, caplog, monkeypatch
 ):
-    monkeypatch.setattr(main, "engine", engine)
+    monkeypatch.setattr(main, "engine", own_engine(engine))
     with caplog.at_level(logging.INFO), TestClient(app):
         pass
     assert "demo mode" not in caplog.text
@@ -1299,6 +1293,7 @@ def test_start_up_creates_the_tables_and_retries_a_lost_race(engine, monkeypatch
             )
         create_all(bind)
 
+    engine = own_engine(engine)
     monkeypatch.setattr(main, "engine", engine)
     monkeypatch.setattr(SQLModel.metadata, "create_all", create_all_losing_once)
     with TestClient(app) as client:
@@ -1310,7 +1305,7 @@ def test_start_up_gives_up_when_the_database_stays_unusable(engine, monkeypatch)
     def create_all_failing(bind):
         raise OperationalError("CREATE TABLE book", {}, Exception("disk I/O error"))
 
-    monkeypatch.setattr(main, "engine", engine)
+    monkeypatch.setattr(main, "engine", own_engine(engine))
     monkeypatch.setattr(SQLModel.metadata, "create_all", create_all_failing)
     with pytest.raises(OperationalError), TestClient(app):
         pass
