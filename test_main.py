@@ -9,15 +9,17 @@ import json
 import logging
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -25,7 +27,7 @@ from pathlib import Path
 import httpx2
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import event
+from sqlalchemy import event, make_url
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, SQLModel, select
 
@@ -1322,16 +1324,20 @@ HERE = Path(__file__).parent
     name="database_url", params=DATABASE_URLS, ids=lambda url: url.split(":")[0]
 )
 def database_url_fixture(request, tmp_path):
+    return empty_database(request.param, tmp_path)
+
+
+def empty_database(url: str, tmp_path: Path) -> str:
     """A database with empty tables for a live service: SQLite in a file, or a server."""
-    if request.param == "sqlite://":
+    if url == "sqlite://":
         return f"sqlite:///{tmp_path}/bookstore.db"
-    engine = make_engine(request.param)
+    engine = make_engine(url)
     SQLModel.metadata.create_all(engine)
     with engine.begin() as connection:
         for table in reversed(SQLModel.metadata.sorted_tables):
             connection.execute(table.delete())
     engine.dispose()
-    return request.param
+    return url
 
 
 def free_port() -> int:
@@ -1528,6 +1534,414 @@ def test_a_killed_service_loses_no_confirmed_order(tmp_path):
     print(
         f"crash: {len(placed)} orders confirmed before kill -9, {total} found after restart"
     )
+
+
+def test_head_answers_like_get_without_a_body(client):
+    book = create_book(client)
+    response = client.head("/books")
+    assert response.status_code == 200
+    assert response.headers["X-Total-Count"] == "1"
+    assert response.content == b""
+    assert client.head(f"/books/{book['id']}").status_code == 200
+    assert client.head(f"/books/{book['id'] + 1}").status_code == 404
+
+
+def test_an_encoded_slash_is_part_of_the_segment(client):
+    book = create_book(client)
+    assert client.get(f"/books/{book['id']}%2F").status_code == 404
+    assert client.get("/books%2F").status_code == 404
+    assert client.get(f"/books/{book['id']}/").status_code == 200
+
+
+def test_a_write_off_works_above_the_stock_limit_a_cancel_can_reach(client, engine):
+    book = create_book(client, stock=main.MAX_STOCK - 1)
+    order = place_order(client, (book["id"], 5)).json()
+    client.post(f"/books/{book['id']}/stock", json={"delta": 5})  # back to the limit
+    assert client.delete(f"/orders/{order['id']}").status_code == 200
+    assert stock_of(engine, book["id"]) == main.MAX_STOCK + 4
+    response = client.post(f"/books/{book['id']}/stock", json={"delta": 1})
+    assert_detail(response, 409, "outside")
+    response = client.post(f"/books/{book['id']}/stock", json={"delta": -1})
+    assert response.status_code == 200
+    assert stock_of(engine, book["id"]) == main.MAX_STOCK + 3
+
+
+def test_customer_and_key_compare_exactly_trailing_spaces_included(client, engine):
+    book = create_book(client)
+    place_order(client, (book["id"], 1), customer="ada")
+    place_order(client, (book["id"], 1), customer="ada ")
+    names = [o["customer"] for o in client.get("/orders?customer=ada").json()]
+    assert names == ["ada"]
+    first = place_order(client, (book["id"], 1), headers={"Idempotency-Key": "k"})
+    second = place_order(client, (book["id"], 1), headers={"Idempotency-Key": "k "})
+    assert (first.status_code, second.status_code) == (201, 201)
+    assert count(engine, Order) == 4
+
+
+# --- Faults and races ----------------------------------------------------------------
+# Real faults: a TCP proxy between the service and PostgreSQL/MariaDB that passes,
+# cuts or hangs connections; a file-size limit on the service process for a full
+# disk on SQLite; real locks held by a second connection. Every wait is bounded.
+
+SERVER_URLS = [url for url in DATABASE_URLS if not url.startswith("sqlite")]
+
+
+class FaultyProxy:
+    """A loopback TCP proxy to a database server that can be "up", "down" (every
+    connection cut, new ones reset) or "hung" (connections stay open, nothing passes)."""
+
+    def __init__(self, database_url: str):
+        self.url = make_url(database_url)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.proxy_url = self.url.set(
+            host="127.0.0.1", port=self.listener.getsockname()[1]
+        ).render_as_string(hide_password=False)
+        self.state = "up"
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            self.sockets.append(client)
+            if self.state == "down":
+                reset(client)
+            elif self.state == "up":
+                server = socket.create_connection((self.url.host, self.url.port))
+                self.sockets.append(server)
+                for source, sink in ((client, server), (server, client)):
+                    threading.Thread(
+                        target=self.pump, args=(source, sink), daemon=True
+                    ).start()
+
+    def pump(self, source, sink):
+        source.settimeout(0.05)
+        while True:
+            if self.state == "hung":
+                time.sleep(0.05)
+                continue
+            try:
+                data = source.recv(65536)
+                if not data:
+                    break
+                sink.sendall(data)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+        for end in (source, sink):
+            with suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+
+    def set(self, state: str):
+        self.state = state
+        if state == "down":
+            for connection in self.sockets:
+                reset(connection)
+
+    def close(self):
+        self.set("down")
+        self.listener.close()
+
+
+def reset(connection: socket.socket):
+    """Close with a TCP reset, as a database server that went away."""
+    with suppress(OSError):
+        connection.setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+        )
+        connection.close()
+
+
+@pytest.fixture(
+    name="proxied_shop", params=SERVER_URLS, ids=lambda url: url.split(":")[0]
+)
+def proxied_shop_fixture(request, tmp_path):
+    """A live service (2 workers, DB_TIMEOUT=2) that reaches its database through a
+    FaultyProxy, a client, and a book with 10 copies."""
+    proxy = FaultyProxy(empty_database(request.param, tmp_path))
+    try:
+        with (
+            live_service(proxy.proxy_url, tmp_path, DB_TIMEOUT="2") as service,
+            httpx2.Client(base_url=service.url, timeout=30) as http,
+        ):
+            yield proxy, http, http.post("/books", json=BOOK).json()
+    finally:
+        proxy.close()
+
+
+def every_route(book_id: int) -> list[tuple[str, str, dict | None]]:
+    """A request to every route that uses the database, writes included."""
+    order = {
+        "customer": "ada@example.com",
+        "items": [{"book_id": book_id, "quantity": 1}],
+    }
+    return [
+        ("GET", "/health", None),
+        ("GET", "/books", None),
+        ("GET", f"/books/{book_id}", None),
+        ("GET", f"/books/{book_id}/stock", None),
+        ("POST", "/books", BOOK | {"title": "Lost in the fault"}),
+        ("PATCH", f"/books/{book_id}", {"price": "1.00"}),
+        ("POST", f"/books/{book_id}/stock", {"delta": -1}),
+        ("POST", "/orders", order),
+        ("GET", "/orders", None),
+        ("DELETE", f"/books/{book_id}", None),
+    ]
+
+
+def assert_unavailable_and_unchanged(http, proxy, state: str, book: dict) -> str:
+    """Under the fault, every database route answers a 503 JSON with Retry-After
+    within a bound; after it, the service recovers by itself and nothing changed."""
+    proxy.set(state)
+    routes = every_route(book["id"]) * 2
+    started = time.monotonic()
+    answers = run_concurrently(
+        [
+            lambda method=method, path=path, body=body: timed(
+                http.request, method, path, json=body
+            )
+            for method, path, body in routes
+        ],
+        threads=8,
+    )
+    longest = max(seconds for seconds, _ in answers)
+    for _, response in answers:
+        assert response.status_code == 503, response.text
+        assert response.json() == {"detail": "Database unavailable"}
+        assert response.headers["Retry-After"] == "2"
+    assert longest < 2 + 1.5, longest  # DB_TIMEOUT=2, and a margin
+    assert http.get("/").status_code == 200
+    proxy.set("up")
+    healed = time.monotonic()
+    while http.get("/health").status_code != 200:
+        assert time.monotonic() - healed < 10, "no recovery within 10 s"
+        time.sleep(0.1)
+    recovery = time.monotonic() - healed
+    for _ in range(20):  # no dead or hung connection is handed out again
+        assert http.get(f"/books/{book['id']}").json() == book
+    assert int(http.get("/books").headers["X-Total-Count"]) == 1
+    assert http.get("/orders").json() == []
+    return (
+        f"{state}: {len(routes)} requests in {healed - started:.1f} s, all 503, "
+        f"longest {longest:.2f} s; recovered in {recovery:.2f} s"
+    )
+
+
+def timed(call, *args, **kwargs):
+    started = time.monotonic()
+    response = call(*args, **kwargs)
+    return time.monotonic() - started, response
+
+
+@pytest.mark.parametrize("state", ["down", "hung"])
+def test_a_database_down_or_hung_is_503_and_the_service_recovers(proxied_shop, state):
+    proxy, http, book = proxied_shop
+    print(assert_unavailable_and_unchanged(http, proxy, state, book))
+
+
+def test_a_full_disk_is_503_and_changes_nothing(tmp_path):
+    database_url = f"sqlite:///{tmp_path}/bookstore.db"
+    with (
+        live_service(database_url, tmp_path, workers=1) as service,
+        httpx2.Client(base_url=service.url, timeout=30) as http,
+    ):
+        book = http.post("/books", json=BOOK).json()
+        http.post("/books", json=BOOK | {"title": "Warm-up"})  # the WAL holds a page
+        written = sum(path.stat().st_size for path in tmp_path.glob("bookstore.db*"))
+        # The disk is full: the service may write no byte past what its files hold.
+        limits = resource.prlimit(service.process.pid, resource.RLIMIT_FSIZE)
+        resource.prlimit(
+            service.process.pid, resource.RLIMIT_FSIZE, (written, limits[1])
+        )
+        try:
+            big = BOOK | {"description": "x" * 2000}
+            answers = [
+                http.post("/books", json=big | {"title": f"Big {n}"}) for n in range(40)
+            ]
+            failed = [r for r in answers if r.status_code != 201]
+            assert failed, "the disk never filled"
+            for response in failed:
+                assert response.status_code == 503, response.text
+                assert response.json() == {"detail": "Database unavailable"}
+            placed = place_order(http, (book["id"], 1))
+            assert placed.status_code in (201, 503)
+        finally:
+            resource.prlimit(service.process.pid, resource.RLIMIT_FSIZE, limits)
+        total = int(http.get("/books").headers["X-Total-Count"])
+        assert total == 2 + len(answers) - len(failed)
+        orders = len(http.get("/orders").json())
+        stock = http.get(f"/books/{book['id']}/stock").json()["stock"]
+        assert (orders, stock) == ((1, 9) if placed.status_code == 201 else (0, 10))
+        assert http.post("/books", json=BOOK | {"title": "After"}).status_code == 201
+
+
+def hold_book_lock(database_url: str, book_id: int, seconds: float):
+    """Hold a lock on the book's row (on SQLite, the write lock) from a connection
+    of the test's own, for `seconds`, in a thread."""
+    engine = make_engine(database_url)
+    locked = threading.Event()
+
+    def hold():
+        with engine.connect() as connection:
+            if engine.dialect.name == "sqlite":
+                connection.exec_driver_sql("BEGIN IMMEDIATE")
+            else:
+                connection.execute(
+                    select(Book).where(Book.id == book_id).with_for_update()
+                )
+            locked.set()
+            time.sleep(seconds)
+            connection.rollback()
+        engine.dispose()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    assert locked.wait(10)
+    return thread
+
+
+def test_a_lock_held_past_the_lock_timeout_is_retried(database_url, tmp_path):
+    """DB_TIMEOUT=3: locks are waited for 1 s, so a lock held for 1.5 s fails the
+    first run of the transaction, and the second run gets through."""
+    with (
+        live_service(database_url, tmp_path, DB_TIMEOUT="3") as service,
+        httpx2.Client(base_url=service.url, timeout=30) as http,
+    ):
+        book = http.post("/books", json=BOOK).json()
+        holder = hold_book_lock(database_url, book["id"], 1.5)
+        seconds, response = timed(
+            http.post, f"/books/{book['id']}/stock", json={"delta": 5}
+        )
+        holder.join()
+        assert response.status_code == 200, response.text
+        assert 1.0 < seconds < 3.0
+        assert http.get(f"/books/{book['id']}/stock").json()["stock"] == 15
+        holder = hold_book_lock(database_url, book["id"], 4)  # past DB_TIMEOUT
+        seconds, response = timed(
+            http.post, f"/books/{book['id']}/stock", json={"delta": 5}
+        )
+        holder.join()
+        assert response.status_code == 503, response.text
+        assert seconds < 3.5
+        assert http.get(f"/books/{book['id']}/stock").json()["stock"] == 15
+
+
+def test_admins_colliding_on_one_book_get_only_2xx_404_or_409(shop):
+    http, _ = shop
+    for _ in range(5):
+        book = http.post("/books", json=BOOK).json()
+        path = f"/books/{book['id']}"
+        calls = [lambda path=path: http.delete(path) for _ in range(4)]
+        calls += [
+            lambda path=path: http.patch(path, json={"price": "9.99"}) for _ in range(4)
+        ]
+        calls += [lambda path=path: http.put(path, json={"stock": 3}) for _ in range(2)]
+        calls += [
+            lambda path=path: http.post(f"{path}/stock", json={"delta": 1})
+            for _ in range(4)
+        ]
+        statuses = [response.status_code for response in run_concurrently(calls)]
+        assert set(statuses) <= {200, 204, 404, 409}, statuses
+        assert statuses[:4].count(204) == 1, statuses
+        assert http.get(path).status_code == 404
+
+
+def test_retries_of_an_order_for_the_last_copy_all_get_it(shop):
+    http, book = shop
+    http.post(f"/books/{book['id']}/stock", json={"delta": -49})  # one copy left
+    headers = {"Idempotency-Key": "last-copy"}
+    body = {
+        "customer": "ada@example.com",
+        "items": [{"book_id": book["id"], "quantity": 1}],
+    }
+    answers = run_concurrently(
+        [lambda: http.post("/orders", json=body, headers=headers) for _ in range(6)]
+    )
+    assert {response.status_code for response in answers} <= {200, 201}, [
+        response.text for response in answers
+    ]
+    assert len({response.json()["id"] for response in answers}) == 1
+    late = http.post("/orders", json=body, headers=headers)  # sold out by now
+    assert late.status_code == 200
+    assert late.json()["id"] == answers[0].json()["id"]
+    assert http.get(f"/books/{book['id']}/stock").json()["stock"] == 0
+    assert http.get("/orders").headers["X-Total-Count"] == "1"
+
+
+def test_an_in_memory_database_is_safe_under_concurrent_requests(tmp_path):
+    with (
+        live_service("sqlite://", tmp_path, workers=1) as service,
+        httpx2.Client(base_url=service.url, timeout=30) as http,
+    ):
+        book = http.post("/books", json=BOOK | {"stock": 1000}).json()
+        body = {
+            "customer": "ada@example.com",
+            "items": [{"book_id": book["id"], "quantity": 1}],
+        }
+        answers = run_concurrently(
+            [lambda: http.post("/orders", json=body) for _ in range(150)]
+            + [lambda: http.get("/books") for _ in range(50)],
+            threads=24,
+        )
+        assert {response.status_code for response in answers} == {200, 201}
+        placed = sum(response.status_code == 201 for response in answers)
+        assert placed == 150
+        assert http.get("/orders").headers["X-Total-Count"] == "150"
+        assert http.get(f"/books/{book['id']}/stock").json()["stock"] == 1000 - 150
+        assert service.process.poll() is None
+
+
+def test_a_clean_stop_leaves_every_change_in_the_database_file(tmp_path):
+    database_url = f"sqlite:///{tmp_path}/bookstore.db"
+    with (
+        live_service(database_url, tmp_path) as service,
+        httpx2.Client(base_url=service.url, timeout=30) as http,
+    ):
+        book = http.post("/books", json=BOOK).json()
+        assert place_order(http, (book["id"], 2)).status_code == 201
+        service.stop(signal.SIGINT)  # Ctrl+C
+    copy = tmp_path / "copy" / "bookstore.db"
+    copy.parent.mkdir()
+    shutil.copy(tmp_path / "bookstore.db", copy)  # the file alone, without its WAL
+    engine = make_engine(f"sqlite:///{copy}")
+    assert fetch(engine, select(Book.stock)) == [8]
+    assert count(engine, Order) == 1
+    engine.dispose()
+
+
+@pytest.mark.skipif(
+    not any(url.startswith("mysql") for url in DATABASE_URLS),
+    reason="needs MySQL/MariaDB (BOOKSTORE_TEST_DATABASES)",
+)
+def test_mysql_tables_are_utf8mb4_whatever_the_database_default(monkeypatch):
+    url = make_url(next(url for url in DATABASE_URLS if url.startswith("mysql")))
+    admin = make_engine(url.render_as_string(hide_password=False))
+    with admin.begin() as connection:
+        connection.exec_driver_sql("DROP DATABASE IF EXISTS bookstore_latin1")
+        connection.exec_driver_sql(
+            "CREATE DATABASE bookstore_latin1 CHARACTER SET latin1"
+        )
+    latin1 = make_engine(
+        url.set(database="bookstore_latin1").render_as_string(hide_password=False)
+    )
+    try:
+        monkeypatch.setattr(main, "engine", latin1)
+        with TestClient(app) as client:  # the lifespan creates the tables
+            app.dependency_overrides[get_session] = lambda: Session(
+                latin1, expire_on_commit=False
+            )
+            title = "L'École des femmes 📚"
+            book = create_book(client, title=title, author="Molière")
+            assert client.get(f"/books/{book['id']}").json()["title"] == title
+            app.dependency_overrides.clear()
+    finally:
+        with admin.begin() as connection:
+            connection.exec_driver_sql("DROP DATABASE bookstore_latin1")
+        admin.dispose()
 
 
 # --- The README's curl tour ---------------------------------------------------------------
