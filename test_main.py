@@ -140,7 +140,7 @@ def error_locations(response) -> list[list]:
     return [error["loc"] for error in response.json()["detail"]]
 
 
-# --- Service ------------------------------------------------------------------------
+# --- Service --------------------------------------------------------------------------
 
 
 def test_root_names_the_service_and_points_to_the_docs(client):
@@ -231,6 +231,49 @@ def test_schema_declares_every_route_and_error_answer(client):
         assert headers["X-Total-Count"]["schema"] == {"type": "integer"}
 
 
+OPERATIONS = {
+    ("/", "get"): ("read_service_info", "service", True),
+    ("/health", "get"): ("check_health", "service", True),
+    ("/books", "post"): ("create_book", "books", False),
+    ("/books", "get"): ("list_books", "books", True),
+    ("/books/{book_id}", "get"): ("read_book", "books", True),
+    ("/books/{book_id}", "patch"): ("update_book", "books", False),
+    ("/books/{book_id}", "put"): ("update_book_with_put", "books", False),
+    ("/books/{book_id}", "delete"): ("delete_book", "books", False),
+    ("/books/{book_id}/stock", "get"): ("read_stock", "stock", True),
+    ("/books/{book_id}/stock", "post"): ("change_stock", "stock", False),
+    ("/orders", "post"): ("place_order", "orders", True),
+    ("/orders", "get"): ("list_orders", "orders", False),
+    ("/orders/{order_id}", "get"): ("read_order", "orders", False),
+    ("/orders/{order_id}/status", "patch"): ("change_order_status", "orders", False),
+    ("/orders/{order_id}", "delete"): ("cancel_order", "orders", False),
+}
+
+
+def test_operations_read_as_their_purpose(client):
+    """Generated clients name their methods after the operation ids; the open
+    operations say that they need no token."""
+    schema = client.get("/openapi.json").json()
+    summaries = set()
+    for (path, method), (operation_id, tag, is_open) in OPERATIONS.items():
+        operation = schema["paths"][path][method]
+        assert operation["operationId"] == operation_id
+        assert operation["tags"] == [tag]
+        assert operation["description"]
+        summaries.add(operation["summary"])
+        security = [] if is_open else [{"HTTPBearer": []}]
+        assert operation["security"] == security, operation_id
+    assert len(summaries) == len(OPERATIONS)
+    assert schema["info"]["license"]["name"]
+    assert schema["info"]["contact"]["name"]
+    book = schema["components"]["schemas"]["BookPublic"]
+    assert book["examples"][0]["price"] == "10.99"
+    assert book["properties"]["price"]["type"] == "string"
+    assert schema["paths"]["/"]["get"]["responses"]["200"]["content"][
+        "application/json"
+    ]["schema"] == {"$ref": "#/components/schemas/ServiceInfo"}
+
+
 def test_schema_examples_are_valid_requests(client):
     schemas = client.get("/openapi.json").json()["components"]["schemas"]
     book = create_book(client)
@@ -262,7 +305,7 @@ def test_a_method_the_path_lacks_is_405_listing_the_others(
     assert response.json() == {"detail": "Method Not Allowed"}
 
 
-# --- Books --------------------------------------------------------------------------
+# --- Books ----------------------------------------------------------------------------
 
 
 def test_create_book(client, engine):
@@ -386,7 +429,7 @@ def test_ids_out_of_range_are_422(client, book_id):
         assert error_locations(response)[0][0] == "path"
 
 
-# --- Listing books ------------------------------------------------------------------
+# --- Listing books --------------------------------------------------------------------
 
 
 @pytest.fixture(name="shelf")
@@ -512,6 +555,78 @@ def test_search_follows_changes_to_titles_and_authors(client, engine):
     assert titles(client.get("/books", params={"q": "dune"})) == []
 
 
+UNICODE_SHELF = [
+    ("École de Paris", "Émile Zola"),
+    ("ÉCOLE NORMALE", "Anonyme"),
+    ("Ecole simple", "Jean Dupont"),
+    ("Straße der Welt", "Jürgen Groß"),
+    ("STRASSE", "Anna Weiß"),
+    ("Σοφία", "Ομηρος"),
+    ("ΣΟΦΙΑ ΚΑΙ ΓΝΩΣΗ", "Πλάτων"),
+    ("Война и мир", "Лев Толстой"),
+    ("日本語の本", "夏目漱石"),
+    ("Ça va, naïve", "Françoise"),
+    ("100% pure_joy", "A. Percent"),
+]
+UNICODE_QUERIES = [
+    "éco", "ÉCO", "eco", "é", "É", "straße", "ß", "STRAß", "σοφ", "ΣΟΦ", "σ",
+    "война", "ВОЙ", "本", "日本語", "ça", "Ç", "naïve", "NAÏ", "%", "_", "0% p",
+    "ürgen", "JÜR", "ω", "émile", "zola", "gro",
+]  # fmt: skip
+
+
+def test_search_folds_every_letters_case_and_nothing_else(client):
+    """One meaning on every database and for every length of q (on SQLite, 3
+    characters or more go through the trigram index, fewer do not): a Unicode
+    case-insensitive substring of the title or the author, accents kept."""
+    for title, author in UNICODE_SHELF:
+        create_book(client, title=title, author=author)
+    for q in UNICODE_QUERIES:
+        expected = [
+            title
+            for title, author in UNICODE_SHELF
+            if q.lower() in title.lower() or q.lower() in author.lower()
+        ]
+        assert (
+            titles(client.get("/books", params={"q": q, "limit": 100})) == expected
+        ), q
+        by_author = [
+            title for title, author in UNICODE_SHELF if q.lower() in author.lower()
+        ]
+        response = client.get("/books", params={"author": q, "limit": 100})
+        assert titles(response) == by_author, q
+
+
+def test_an_older_database_file_gets_the_search_index_at_start_up(
+    tmp_path, monkeypatch
+):
+    url = f"sqlite:///{tmp_path}/old.db"
+    old = make_engine(url)
+    SQLModel.metadata.create_all(old)
+    with old.begin() as connection:  # as a file made before the index existed
+        connection.exec_driver_sql("DROP TABLE book_search")
+        for trigger in ("insert", "delete", "update"):
+            connection.exec_driver_sql(f"DROP TRIGGER book_search_{trigger}")
+    with Session(old) as session:
+        session.add(Book(title="Dune", author="Frank Herbert", year=1965, price=1))
+        session.commit()
+    old.dispose()
+    engine = make_engine(url)
+    monkeypatch.setattr(main, "engine", engine)
+    with TestClient(app) as client:  # the lifespan runs create_all
+        app.dependency_overrides[get_session] = lambda: Session(
+            engine, expire_on_commit=False
+        )
+        assert titles(client.get("/books", params={"q": "dune"})) == ["Dune"]
+        create_book(client, title="Dune Messiah")
+        assert titles(client.get("/books", params={"q": "messiah"})) == ["Dune Messiah"]
+        app.dependency_overrides.clear()
+    with engine.connect() as connection:
+        index = "SELECT name FROM sqlite_master WHERE name = 'book_search'"
+        assert connection.exec_driver_sql(index).all() == [("book_search",)]
+    engine.dispose()
+
+
 @pytest.mark.parametrize("q", ["/", "C/D", "AC/DC"])
 def test_search_treats_the_like_escape_character_as_plain_text(client, q):
     create_book(client, title="AC/DC", author="Murray Engleheart")
@@ -528,7 +643,7 @@ def test_search_treats_query_syntax_as_plain_text(client, q):
     assert response.headers["x-total-count"] == "0"
 
 
-# --- Changing and deleting books -----------------------------------------------------
+# --- Changing and deleting books ------------------------------------------------------
 
 
 @pytest.mark.parametrize("method", ["patch", "put"])
@@ -628,7 +743,7 @@ def test_a_book_with_orders_cannot_be_deleted(client, engine):
     assert count(engine, Book) == 1
 
 
-# --- Stock --------------------------------------------------------------------------
+# --- Stock ----------------------------------------------------------------------------
 
 
 def test_read_stock(client):
@@ -693,7 +808,7 @@ def test_stock_change_of_a_missing_book_is_404(client):
     )
 
 
-# --- Orders -------------------------------------------------------------------------
+# --- Orders ---------------------------------------------------------------------------
 
 
 def test_place_order(client, engine):
@@ -845,7 +960,7 @@ def test_reading_orders_takes_a_fixed_number_of_queries(client, engine):
     assert len(statements) == 2
 
 
-# --- Order status -------------------------------------------------------------------
+# --- Order status ---------------------------------------------------------------------
 
 ALLOWED_MOVES = {
     "pending": ["confirmed", "cancelled"],
@@ -962,7 +1077,7 @@ def test_writes_to_sqlite_queue_for_one_thread(client, engine, monkeypatch):
 
         return wrapper
 
-    for name in ("save_book", "read_book_or_404", "place_order"):
+    for name in ("save_book", "read_book_or_404", "record_order"):
         monkeypatch.setattr(main, name, record_thread(getattr(main, name)))
     book = create_book(client)
     client.get(f"/books/{book['id']}")
@@ -972,7 +1087,7 @@ def test_writes_to_sqlite_queue_for_one_thread(client, engine, monkeypatch):
     assert [(name, thread.rsplit("_", 1)[0]) for name, thread in threads] == [
         ("save_book", writer),
         ("read_book_or_404", writer if in_memory else "database"),
-        ("place_order", writer),
+        ("record_order", writer),
     ]
 
 
@@ -1014,7 +1129,7 @@ def test_concurrent_orders_and_stock_changes_never_oversell(tmp_path):
     engine.dispose()
 
 
-# --- Idempotent orders --------------------------------------------------------------
+# --- Idempotent orders ----------------------------------------------------------------
 
 
 def test_a_retried_order_is_placed_once(client, engine):
@@ -1081,7 +1196,7 @@ def test_idempotency_keys_are_1_to_255_printable_ascii_characters(client, engine
     assert count(engine, Order) == 0
 
 
-# --- Hostile input ------------------------------------------------------------------
+# --- Hostile input --------------------------------------------------------------------
 
 
 def snapshot(engine) -> list:
@@ -1225,7 +1340,7 @@ def test_a_body_over_1_mib_is_413_whether_announced_or_chunked(client, engine):
     assert client.post("/books", json=just_fits).status_code == 201
 
 
-# --- Admin token --------------------------------------------------------------------
+# --- Admin token ----------------------------------------------------------------------
 
 
 def own_engine(engine):
@@ -1306,7 +1421,7 @@ def test_with_a_token_the_service_does_not_claim_demo_mode(
     assert admin_token not in caplog.text
 
 
-# --- Start-up -----------------------------------------------------------------------
+# --- Start-up -------------------------------------------------------------------------
 
 
 def test_start_up_creates_the_tables_and_retries_a_lost_race(engine, monkeypatch):
@@ -1339,7 +1454,7 @@ def test_start_up_gives_up_when_the_database_stays_unusable(engine, monkeypatch)
         pass
 
 
-# --- Several worker processes -----------------------------------------------------------
+# --- Several worker processes ---------------------------------------------------------
 # These tests start `uvicorn main:app --workers 2` on a free port and drive it with
 # httpx from a thread pool, on each database. Every loop is bounded in count and time.
 
@@ -1354,7 +1469,7 @@ def database_url_fixture(request, tmp_path):
 
 
 def empty_database(url: str, tmp_path: Path) -> str:
-    """A database with empty tables for a live service: SQLite in a file, or a server."""
+    """A database with empty tables for a live service: a SQLite file, or a server."""
     if url == "sqlite://":
         return f"sqlite:///{tmp_path}/bookstore.db"
     engine = make_engine(url)
@@ -1373,7 +1488,7 @@ def free_port() -> int:
 
 
 class LiveService:
-    """`uvicorn main:app` in a process group of its own, so that it can be killed whole."""
+    """`uvicorn main:app` in a process group of its own, to be killed whole."""
 
     def __init__(self, database_url: str, log_path: Path, workers: int = 2, **env):
         self.port = free_port()
@@ -1457,7 +1572,9 @@ def test_workers_never_oversell(shop):
         )
 
     calls = [order] * 200 + [change(+1)] * 25 + [change(-1)] * 25
-    calls = [call for pair in zip(calls[:125], calls[125:]) for call in pair]
+    calls = [
+        call for pair in zip(calls[:125], calls[125:], strict=True) for call in pair
+    ]
     started = time.monotonic()
     results = run_concurrently(calls)
     elapsed = time.monotonic() - started
@@ -1558,7 +1675,8 @@ def test_a_killed_service_loses_no_confirmed_order(tmp_path):
     assert total >= len(placed)
     assert stock == 100_000 - total  # each order that exists took exactly one copy
     print(
-        f"crash: {len(placed)} orders confirmed before kill -9, {total} found after restart"
+        f"crash: {len(placed)} orders confirmed before kill -9, "
+        f"{total} found after restart"
     )
 
 
@@ -1604,7 +1722,7 @@ def test_customer_and_key_compare_exactly_trailing_spaces_included(client, engin
     assert count(engine, Order) == 4
 
 
-# --- Faults and races ----------------------------------------------------------------
+# --- Faults and races -----------------------------------------------------------------
 # Real faults: a TCP proxy between the service and PostgreSQL/MariaDB that passes,
 # cuts or hangs connections; a file-size limit on the service process for a full
 # disk on SQLite; real locks held by a second connection. Every wait is bounded.
@@ -1614,7 +1732,7 @@ SERVER_URLS = [url for url in DATABASE_URLS if not url.startswith("sqlite")]
 
 class FaultyProxy:
     """A loopback TCP proxy to a database server that can be "up", "down" (every
-    connection cut, new ones reset) or "hung" (connections stay open, nothing passes)."""
+    connection cut, new ones reset) or "hung" (connections open, nothing passes)."""
 
     def __init__(self, database_url: str):
         self.url = make_url(database_url)
@@ -1976,10 +2094,10 @@ def test_mysql_tables_are_utf8mb4_whatever_the_database_default(monkeypatch):
         admin.dispose()
 
 
-# --- The README's curl tour ---------------------------------------------------------------
-# Every ```console block of README.md holds one `$ curl ...` command and the answer it
-# gives: the status line, the headers worth showing, and the JSON body (reformatted for
-# reading). The tour runs in order against a fresh service; timestamps match any UTC time.
+# --- The README's curl tour -----------------------------------------------------------
+# Every ```console block of README.md holds `$ curl ...` commands, each with the
+# answer it gives: the status line, the headers worth showing, and the JSON body.
+# The tour runs in order against a fresh service; timestamps match any UTC time.
 
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|\+00:00)")
 
@@ -1989,11 +2107,12 @@ def readme_examples() -> list[tuple[str, list[str]]]:
     for block in re.findall(
         r"```console\n(.*?)```", (HERE / "README.md").read_text(), re.DOTALL
     ):
-        lines = block.splitlines()
-        command = [lines.pop(0).removeprefix("$ ")]
-        while command[-1].endswith("\\"):
-            command.append(lines.pop(0))
-        examples.append(("\n".join(command), lines))
+        for example in re.split(r"\n\n(?=\$ )", block.strip("\n")):
+            lines = example.splitlines()
+            command = [lines.pop(0).removeprefix("$ ")]
+            while command[-1].endswith("\\"):
+                command.append(lines.pop(0))
+            examples.append(("\n".join(command), lines))
     return examples
 
 
@@ -2005,9 +2124,8 @@ def without_timestamps(text: str):
 def test_readme_tour_gives_the_answers_it_shows(tmp_path):
     examples = readme_examples()
     assert len(examples) >= 20
-    database_url = f"sqlite:///{tmp_path}/bookstore.db"
-    with live_service(
-        database_url, tmp_path, workers=1, BOOKSTORE_ADMIN_TOKEN="change-me"
+    with live_service(  # as the README starts it: in memory, with a token
+        "sqlite://", tmp_path, workers=1, BOOKSTORE_ADMIN_TOKEN="change-me"
     ) as service:
         for command, expected in examples:
             assert command.startswith("curl -s -i "), command
@@ -2037,3 +2155,21 @@ def test_readme_tour_gives_the_answers_it_shows(tmp_path):
                 ), command
             else:
                 assert body == "", command
+
+
+def test_readme_walk_quotes_main_py_line_for_line():
+    """Every python block of the README's walk through main.py is made of lines of
+    main.py (white space aside), in the order main.py has them."""
+    readme = (HERE / "README.md").read_text()
+    walk = readme.split("## A walk through `main.py`", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", walk, re.DOTALL)
+    assert len(blocks) >= 5
+    main_py = (HERE / "main.py").read_text().splitlines()
+    source = [" ".join(line.split()) for line in main_py]
+    for block in blocks:
+        position = 0
+        for line in filter(
+            None, (" ".join(line.split()) for line in block.split("\n"))
+        ):
+            assert line in source[position:], f"not in main.py, or out of order: {line}"
+            position = source.index(line, position) + 1
