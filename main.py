@@ -922,6 +922,12 @@ app = FastAPI(
     contact={"name": "The BookStore team"},
     license_info={"name": "MIT", "identifier": "MIT"},
     servers=[{"url": "/", "description": "This service"}],
+    openapi_tags=[
+        {"name": "books", "description": "The catalogue"},
+        {"name": "stock", "description": "Copies on hand"},
+        {"name": "orders", "description": "Orders and their statuses"},
+        {"name": "service", "description": "The service itself"},
+    ],
     # Operation ids are the endpoints' names (create_book, place_order ...), the
     # method names of a client generated from the schema.
     generate_unique_id_function=lambda route: route.name,
