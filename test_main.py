@@ -2096,8 +2096,9 @@ def test_mysql_tables_are_utf8mb4_whatever_the_database_default(monkeypatch):
 
 # --- The README's curl tour -----------------------------------------------------------
 # Every ```console block of README.md holds `$ curl ...` commands, each with the
-# answer it gives: the status line, the headers worth showing, and the JSON body.
-# The tour runs in order against a fresh service; timestamps match any UTC time.
+# answer it gives: the status line, the headers worth showing, and the JSON body;
+# lines that start with "# " are comments. The tour runs in order against a fresh
+# service; timestamps match any UTC time.
 
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|\+00:00)")
 
@@ -2107,8 +2108,8 @@ def readme_examples() -> list[tuple[str, list[str]]]:
     for block in re.findall(
         r"```console\n(.*?)```", (HERE / "README.md").read_text(), re.DOTALL
     ):
-        for example in re.split(r"\n\n(?=\$ )", block.strip("\n")):
-            lines = example.splitlines()
+        for example in re.split(r"\n\n(?=\$ |# )", block.strip("\n")):
+            lines = [line for line in example.splitlines() if not line.startswith("# ")]
             command = [lines.pop(0).removeprefix("$ ")]
             while command[-1].endswith("\\"):
                 command.append(lines.pop(0))
