@@ -1108,10 +1108,10 @@ def book_queries(
     if sort_field in ("title", "author"):
         field = func.lower(field)  # the same case-insensitive order on every database
     # Ties are broken by id, in the same direction, so that pages never overlap.
-    if sort.startswith("-"):
-        order_by = [field.desc(), col(Book.id).desc()]
-    else:
-        order_by = [field.asc(), col(Book.id).asc()]
+    descending = sort.startswith("-")
+    order_by = [field.desc() if descending else field.asc()]
+    if sort_field != "id":
+        order_by.append(col(Book.id).desc() if descending else col(Book.id).asc())
     # The page's ids first, then their rows: skipping 90,000 books is cheap in the
     # index of ids and slow in the table, whose rows are large.
     ids = (
