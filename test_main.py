@@ -2064,6 +2064,51 @@ def test_a_clean_stop_leaves_every_change_in_the_database_file(tmp_path):
 
 
 @pytest.mark.skipif(
+    not any(url.startswith("postgresql") for url in DATABASE_URLS),
+    reason="needs PostgreSQL (BOOKSTORE_TEST_DATABASES)",
+)
+def test_without_pg_trgm_search_works_and_the_log_says_why(caplog, monkeypatch):
+    """A role that may create tables but not extensions: the service starts, says
+    once why search is slower, and searches all the same."""
+    url = make_url(next(url for url in DATABASE_URLS if url.startswith("postgresql")))
+    admin = make_engine(url.render_as_string(hide_password=False))
+    with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        for statement in (
+            "DROP DATABASE IF EXISTS bookstore_no_trgm",
+            "DROP ROLE IF EXISTS bookstore_plain",
+            "CREATE ROLE bookstore_plain LOGIN",
+            "CREATE DATABASE bookstore_no_trgm",
+        ):
+            connection.exec_driver_sql(statement)
+    plain_url = url.set(username="bookstore_plain", database="bookstore_no_trgm")
+    with make_engine(
+        plain_url.set(username=url.username).render_as_string(hide_password=False)
+    ).begin() as connection:
+        connection.exec_driver_sql("GRANT CREATE ON SCHEMA public TO bookstore_plain")
+    plain = make_engine(plain_url.render_as_string(hide_password=False))
+    try:
+        monkeypatch.setattr(main, "engine", plain)
+        with caplog.at_level(logging.WARNING), TestClient(app) as client:
+            app.dependency_overrides[get_session] = lambda: Session(
+                plain, expire_on_commit=False
+            )
+            create_book(client, title="The Quiet River")
+            assert titles(client.get("/books", params={"q": "river"})) == [
+                "The Quiet River"
+            ]
+            app.dependency_overrides.clear()
+        assert caplog.text.count("without pg_trgm") == 1
+    finally:
+        plain.dispose()
+        with admin.connect().execution_options(
+            isolation_level="AUTOCOMMIT"
+        ) as connection:
+            connection.exec_driver_sql("DROP DATABASE bookstore_no_trgm WITH (FORCE)")
+            connection.exec_driver_sql("DROP ROLE bookstore_plain")
+        admin.dispose()
+
+
+@pytest.mark.skipif(
     not any(url.startswith("mysql") for url in DATABASE_URLS),
     reason="needs MySQL/MariaDB (BOOKSTORE_TEST_DATABASES)",
 )
