@@ -769,10 +769,6 @@ def run_transaction(
             attempt += 1
             committing = False
             try:
-                # The socket the transaction runs on, for cut_off to find.
-                dbapi_connection: Any = session.connection().connection.dbapi_connection
-                if hasattr(dbapi_connection, "fileno"):
-                    session.info["fileno"] = dbapi_connection.fileno()
                 result = work(session, *args)
                 # Past the deadline the client has had its 503: commit nothing.
                 if time.monotonic() > deadline:
@@ -788,6 +784,16 @@ def run_transaction(
                 if not retry or attempt == MAX_ATTEMPTS or time.monotonic() > deadline:
                     raise DatabaseUnavailable(error.orig) from None
                 time.sleep(random.uniform(0, 0.05 * attempt))  # noqa: S311 (jitter)
+            finally:
+                session.info.pop("fileno", None)  # the connection is no longer ours
+
+
+@event.listens_for(Session, "after_begin")
+def note_socket(session: Session, _: Any, connection: Connection) -> None:
+    """Note the socket of the connection a transaction begins on, for cut_off."""
+    dbapi_connection: Any = connection.connection.dbapi_connection
+    if hasattr(dbapi_connection, "fileno"):  # psycopg's
+        session.info["fileno"] = dbapi_connection.fileno()
 
 
 def cut_off(session: Session) -> None:
@@ -888,7 +894,8 @@ class SameWithTrailingSlash:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
-        if len(path) > 1 and scope.get("raw_path", b"").endswith(b"/"):
+        raw_path = scope.get("raw_path") or path.encode()
+        if len(path) > 1 and raw_path.endswith(b"/"):
             scope = {**scope, "path": path.rstrip("/") or "/"}
         if scope["method"] != "HEAD":
             return await self.app(scope, receive, send)

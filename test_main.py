@@ -2081,10 +2081,12 @@ def test_without_pg_trgm_search_works_and_the_log_says_why(caplog, monkeypatch):
         ):
             connection.exec_driver_sql(statement)
     plain_url = url.set(username="bookstore_plain", database="bookstore_no_trgm")
-    with make_engine(
+    owner = make_engine(
         plain_url.set(username=url.username).render_as_string(hide_password=False)
-    ).begin() as connection:
+    )
+    with owner.begin() as connection:
         connection.exec_driver_sql("GRANT CREATE ON SCHEMA public TO bookstore_plain")
+    owner.dispose()
     plain = make_engine(plain_url.render_as_string(hide_password=False))
     try:
         monkeypatch.setattr(main, "engine", plain)
