@@ -390,11 +390,13 @@ SQLITE_SEARCH_INDEX = (
 )
 
 
-# On PostgreSQL, trigram indexes (pg_trgm) serve ILIKE '%...%' as they are, and
-# indexes of lower(title) and lower(author) serve a sorted page.
-POSTGRESQL_INDEXES = (
+# On PostgreSQL, indexes of lower(title) and lower(author) serve a sorted page,
+# and trigram indexes (pg_trgm) serve ILIKE '%...%' as it is.
+POSTGRESQL_SORT_INDEXES = (
     "CREATE INDEX IF NOT EXISTS book_title_lower ON book (lower(title), id)",
     "CREATE INDEX IF NOT EXISTS book_author_lower ON book (lower(author), id)",
+)
+POSTGRESQL_SEARCH_INDEXES = (
     "CREATE EXTENSION IF NOT EXISTS pg_trgm",
     "CREATE INDEX IF NOT EXISTS book_title_trgm ON book USING gin (title gin_trgm_ops)",
     "CREATE INDEX IF NOT EXISTS book_author_trgm ON book"
@@ -406,15 +408,16 @@ POSTGRESQL_INDEXES = (
 def create_search_indexes(_: Any, connection: Connection, **__: Any) -> None:
     """The indexes create_all cannot make, also in a database made without them."""
     if connection.dialect.name == "postgresql":
-        for statement in POSTGRESQL_INDEXES:
-            try:
-                with connection.begin_nested():
+        for statement in POSTGRESQL_SORT_INDEXES:
+            connection.exec_driver_sql(statement)
+        try:
+            with connection.begin_nested():
+                for statement in POSTGRESQL_SEARCH_INDEXES:
                     connection.exec_driver_sql(statement)
-            except (ProgrammingError, OperationalError) as error:
-                # pg_trgm ships with PostgreSQL, and a database's owner may add it
-                # since PostgreSQL 13; without it, a search reads every title.
-                log.warning("Search will be slower, without pg_trgm: %s", error.orig)
-                return
+        except (ProgrammingError, OperationalError) as error:
+            # pg_trgm ships with PostgreSQL, and a database's owner may add it
+            # since PostgreSQL 13; without it, a search reads every title.
+            log.warning("Search will be slower, without pg_trgm: %s", error.orig)
     elif connection.dialect.name == "sqlite":
         exists = connection.exec_driver_sql(
             "SELECT 1 FROM sqlite_master WHERE name = 'book_search'"
@@ -829,11 +832,10 @@ async def in_transaction(
     loop = asyncio.get_running_loop()
     deadline = time.monotonic() + DB_TIMEOUT
     unit = loop.run_in_executor(threads, run_transaction, session, work, args, deadline)
-    watchdog = loop.call_later(DB_TIMEOUT, cut_off, session)
-    unit.add_done_callback(lambda _: watchdog.cancel())
     try:
         return await asyncio.wait_for(asyncio.shield(unit), DB_TIMEOUT)
     except TimeoutError:
+        cut_off(session)
         raise DatabaseUnavailable(f"no answer within {DB_TIMEOUT} s") from None
 
 
@@ -1062,12 +1064,16 @@ async def check_health(session: SessionDep) -> HealthStatus:
 BOOK_BY_ID = select(Book).where(col(Book.id) == bindparam("id"))
 
 
+def book_not_found(book_id: int) -> HTTPException:
+    return HTTPException(404, f"Book {book_id} not found")
+
+
 def read_book_or_404(session: Session, book_id: int) -> Row[Any]:
     """The book as a row. Run on the connection, a select gives plain rows, not
     the objects a session builds and tracks: less work, and enough for an answer."""
     row = session.connection().execute(BOOK_BY_ID, {"id": book_id}).first()
     if row is None:
-        raise HTTPException(404, f"Book {book_id} not found")
+        raise book_not_found(book_id)
     return row
 
 
@@ -1210,13 +1216,13 @@ async def read_book(book_id: PathId, session: SessionDep) -> Row[Any]:
 def update_book_fields(session: Session, book_id: int, fields: dict[str, Any]) -> Book:
     book = session.get(Book, book_id)
     if book is None:
-        raise HTTPException(404, f"Book {book_id} not found")
+        raise book_not_found(book_id)
     book.sqlmodel_update(fields)
     book.updated_at = utcnow()
     try:
         return save_book(session, book)
     except StaleDataError:  # deleted by a concurrent request since it was read
-        raise HTTPException(404, f"Book {book_id} not found") from None
+        raise book_not_found(book_id) from None
 
 
 @admin.patch(
@@ -1253,7 +1259,7 @@ def delete_book_row(session: Session, book_id: int) -> None:
             409, f"Book {book_id} is in orders and cannot be deleted"
         ) from None
     if not deleted:
-        raise HTTPException(404, f"Book {book_id} not found")
+        raise book_not_found(book_id)
 
 
 @admin.delete(
