@@ -1154,14 +1154,15 @@ def book_queries(
     from_first = col(Book.id) <= first if descending else col(Book.id) >= first
     # The page's ids first, then their rows: skipping 90,000 books is cheap in the
     # index of ids and slow in the table, whose rows are large.
-    ids = (
-        select(Book.id)
-        .where(*conditions)
-        .order_by(*order_by)
-        .offset(bindparam("offset"))
-        .limit(bindparam("limit"))
-        .subquery()
-    )
+    ids_in_order = select(Book.id).where(*conditions).order_by(*order_by)
+    if not conditions and sort_field == "id":
+        # Told nothing, MariaDB steps over the books in its primary key, which holds
+        # whole rows: twice as slow as its index of ids.
+        for dialect in ("mysql", "mariadb"):
+            ids_in_order = ids_in_order.with_hint(
+                Book, "FORCE INDEX (ix_book_id)", dialect
+            )
+    ids = ids_in_order.offset(bindparam("offset")).limit(bindparam("limit")).subquery()
     page = select(Book).join(ids, col(Book.id) == ids.c.id)
     return count, count.where(from_first), page.order_by(*order_by)
 

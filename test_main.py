@@ -614,6 +614,20 @@ def test_search_folds_every_letters_case_and_nothing_else(client):
         assert titles(response) == by_author, q
 
 
+def test_mariadb_steps_over_a_page_in_its_index_of_ids(engine):
+    if engine.dialect.name != "mysql":
+        pytest.skip("a plan of MariaDB's")
+    _, count_from, page = main.book_queries(frozenset(), "-id")
+    with engine.connect() as connection:
+        for statement, values in (
+            (page, {"offset": 90_000, "limit": 20}),
+            (count_from, {"first": 90_001}),
+        ):
+            sql = str(statement.compile(engine))
+            plan = connection.exec_driver_sql("EXPLAIN " + sql, values).mappings()
+            assert "ix_book_id" in {step["key"] for step in plan}, sql
+
+
 def test_an_older_database_file_gets_the_search_index_at_start_up(
     tmp_path, monkeypatch
 ):
