@@ -1136,22 +1136,24 @@ BOOK_CONDITIONS = {
 @cache
 def book_queries(
     filters: frozenset[str], sort: str
-) -> tuple[SelectOfScalar[int], SelectOfScalar[int], SelectOfScalar[Book]]:
-    """Statements that count the books matching `filters` (all of them, and those
-    in id order from the id `first` on), and read a page of them."""
+) -> tuple[SelectOfScalar[int], SelectOfScalar[int] | None, SelectOfScalar[Book]]:
+    """Statements that count the books matching `filters` (all of them, and, in id
+    order only, those from the id `first` on), and read a page of them."""
     conditions = [BOOK_CONDITIONS[name] for name in BOOK_CONDITIONS if name in filters]
     count = select(func.count()).select_from(Book).where(*conditions)
     sort_field = sort.lstrip("-")
     field: ColumnElement[Any] = getattr(Book, sort_field)
     if sort_field in ("title", "author"):
         field = func.lower(field)  # the same case-insensitive order on every database
-    # Ties are broken by id, in the same direction, so that pages never overlap.
     descending = sort.startswith("-")
     order_by = [field.desc() if descending else field.asc()]
-    if sort_field != "id":
+    count_from = None
+    if sort_field == "id":  # the books from a page's first one on: a range of ids
+        first = bindparam("first", type_=Integer())
+        from_first = col(Book.id) <= first if descending else col(Book.id) >= first
+        count_from = count.where(from_first)
+    else:  # ties are broken by id, in the same direction: pages never overlap
         order_by.append(col(Book.id).desc() if descending else col(Book.id).asc())
-    first = bindparam("first", type_=Integer())
-    from_first = col(Book.id) <= first if descending else col(Book.id) >= first
     # The page's ids first, then their rows: skipping 90,000 books is cheap in the
     # index of ids and slow in the table, whose rows are large.
     ids_in_order = select(Book.id).where(*conditions).order_by(*order_by)
@@ -1164,7 +1166,7 @@ def book_queries(
             )
     ids = ids_in_order.offset(bindparam("offset")).limit(bindparam("limit")).subquery()
     page = select(Book).join(ids, col(Book.id) == ids.c.id)
-    return count, count.where(from_first), page.order_by(*order_by)
+    return count, count_from, page.order_by(*order_by)
 
 
 def find_books(session: Session, filters: BookFilter) -> tuple[Sequence[Row[Any]], int]:
@@ -1187,7 +1189,7 @@ def find_books(session: Session, filters: BookFilter) -> tuple[Sequence[Row[Any]
     books = connection.execute(page, values | {"offset": offset, "limit": limit}).all()
     if len(books) < limit and (books or not offset):
         return books, offset + len(books)  # the last page: no count needed
-    if books and offset and filters.sort in ("id", "-id") and dialect != "sqlite":
+    if books and offset and count_from is not None and dialect != "sqlite":
         # PostgreSQL and MariaDB visit every row they count, and the page has just
         # visited the `offset` books before it: count only those from it on.
         # (SQLite counts a whole table from its pages, faster than any part of it.)
