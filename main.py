@@ -53,6 +53,7 @@ from sqlalchemy import (
     Connection,
     DateTime,
     Engine,
+    Index,
     Integer,
     Numeric,
     Row,
@@ -358,6 +359,11 @@ class BookBase(SQLModel):
 class Book(BookBase, table=True):
     __table_args__ = (
         CheckConstraint("stock >= 0", name="stock_not_negative"),
+        # A page sorted by price, year or age steps over the books before it in an
+        # index, in the order book_queries sorts: ties broken by id.
+        Index("book_price_id", "price", "id"),
+        Index("book_year_id", "year", "id"),
+        Index("book_created_at_id", "created_at", "id"),
         MYSQL_UTF8,
     )
 
@@ -394,10 +400,25 @@ SQLITE_SEARCH_INDEX = (
 
 
 # On PostgreSQL, indexes of lower(title) and lower(author) serve a sorted page,
-# and trigram indexes (pg_trgm) serve ILIKE '%...%' as it is.
+# and trigram indexes (pg_trgm) serve ILIKE '%...%' as it is. INCLUDE: PostgreSQL
+# steps over the books before a page in an index alone only if it holds the column
+# too (a page 90,000 books in, by title: 146 ms without, 20 ms with).
 POSTGRESQL_SORT_INDEXES = (
-    "CREATE INDEX IF NOT EXISTS book_title_lower ON book (lower(title), id)",
-    "CREATE INDEX IF NOT EXISTS book_author_lower ON book (lower(author), id)",
+    "CREATE INDEX IF NOT EXISTS book_title_lower ON book (lower(title), id)"
+    " INCLUDE (title)",
+    "CREATE INDEX IF NOT EXISTS book_author_lower ON book (lower(author), id)"
+    " INCLUDE (author)",
+)
+# MariaDB indexes no expression, but it indexes a virtual column: lower(title) and
+# lower(author) as columns of their own, which a sorted page names (book_queries).
+MARIADB_SORT_COLUMNS = (
+    "ALTER TABLE book"
+    " ADD COLUMN IF NOT EXISTS title_lower VARCHAR(200)"
+    " COLLATE utf8mb4_nopad_bin AS (lower(title)) VIRTUAL,"
+    " ADD COLUMN IF NOT EXISTS author_lower VARCHAR(200)"
+    " COLLATE utf8mb4_nopad_bin AS (lower(author)) VIRTUAL,"
+    " ADD INDEX IF NOT EXISTS book_title_lower (title_lower, id),"
+    " ADD INDEX IF NOT EXISTS book_author_lower (author_lower, id)"
 )
 POSTGRESQL_SEARCH_INDEXES = (
     "CREATE EXTENSION IF NOT EXISTS pg_trgm",
@@ -421,6 +442,8 @@ def create_search_indexes(_: Any, connection: Connection, **__: Any) -> None:
             # pg_trgm ships with PostgreSQL, and a database's owner may add it
             # since PostgreSQL 13; without it, a search reads every title.
             log.warning("Search will be slower, without pg_trgm: %s", error.orig)
+    elif getattr(connection.dialect, "is_mariadb", False):
+        connection.exec_driver_sql(MARIADB_SORT_COLUMNS)
     elif connection.dialect.name == "sqlite":
         exists = connection.exec_driver_sql(
             "SELECT 1 FROM sqlite_master WHERE name = 'book_search'"
@@ -1137,7 +1160,7 @@ BOOK_CONDITIONS = {
 
 @cache
 def book_queries(
-    filters: frozenset[str], sort: str
+    filters: frozenset[str], sort: str, mariadb: bool
 ) -> tuple[SelectOfScalar[int], SelectOfScalar[int] | None, SelectOfScalar[Book]]:
     """Statements that count the books matching `filters` (all of them, and, in id
     order only, those from the id `first` on), and read a page of them."""
@@ -1145,8 +1168,9 @@ def book_queries(
     count = select(func.count()).select_from(Book).where(*conditions)
     sort_field = sort.lstrip("-")
     field: ColumnElement[Any] = getattr(Book, sort_field)
-    if sort_field in ("title", "author"):
-        field = func.lower(field)  # the same case-insensitive order on every database
+    if sort_field in ("title", "author"):  # the same order on every database,
+        # which MariaDB reads from a column of its own (MARIADB_SORT_COLUMNS)
+        field = column(f"{sort_field}_lower") if mariadb else func.lower(field)
     descending = sort.startswith("-")
     order_by = [field.desc() if descending else field.asc()]
     count_from = None
@@ -1184,7 +1208,8 @@ def find_books(session: Session, filters: BookFilter) -> tuple[Sequence[Row[Any]
         values["q"] = like_pattern(q)
     if filters.author is not None:
         values["author"] = like_pattern(filters.author)
-    count, count_from, page = book_queries(frozenset(values), filters.sort)
+    mariadb = getattr(session.get_bind().dialect, "is_mariadb", False)
+    count, count_from, page = book_queries(frozenset(values), filters.sort, mariadb)
     # Rows, not Book objects, as in read_book_or_404.
     connection = session.connection()
     offset, limit = filters.offset, filters.limit
