@@ -430,7 +430,8 @@ MARIADB_SORT_COLUMNS = (
 
 @event.listens_for(SQLModel.metadata, "after_create")
 def create_search_indexes(_: Any, connection: Connection, **__: Any) -> None:
-    """The indexes create_all cannot make, also in a database made without them."""
+    """The indexes create_all cannot make (on MariaDB, with the columns they index),
+    also in a database made without them."""
     if connection.dialect.name == "postgresql":
         for statement in POSTGRESQL_SORT_INDEXES:
             connection.exec_driver_sql(statement)
@@ -1199,8 +1200,8 @@ def find_books(session: Session, filters: BookFilter) -> tuple[Sequence[Row[Any]
     """A page of the books that match `filters`, and how many match in all."""
     values = filters.model_dump(exclude_none=True, exclude={"offset", "limit", "sort"})
     q = values.pop("q", None)
-    dialect = session.get_bind().dialect.name
-    if q is not None and len(q) >= 3 and dialect == "sqlite":
+    dialect = session.get_bind().dialect
+    if q is not None and len(q) >= 3 and dialect.name == "sqlite":
         # The trigram index finds a quoted phrase anywhere in the words, folding
         # case as lower() does: the same books as the LIKE of q, without a scan.
         values["phrase"] = '"' + q.replace('"', '""') + '"'
@@ -1208,7 +1209,7 @@ def find_books(session: Session, filters: BookFilter) -> tuple[Sequence[Row[Any]
         values["q"] = like_pattern(q)
     if filters.author is not None:
         values["author"] = like_pattern(filters.author)
-    mariadb = getattr(session.get_bind().dialect, "is_mariadb", False)
+    mariadb = getattr(dialect, "is_mariadb", False)
     count, count_from, page = book_queries(frozenset(values), filters.sort, mariadb)
     # Rows, not Book objects, as in read_book_or_404.
     connection = session.connection()
@@ -1216,7 +1217,7 @@ def find_books(session: Session, filters: BookFilter) -> tuple[Sequence[Row[Any]
     books = connection.execute(page, values | {"offset": offset, "limit": limit}).all()
     if len(books) < limit and (books or not offset):
         return books, offset + len(books)  # the last page: no count needed
-    if books and offset and count_from is not None and dialect != "sqlite":
+    if books and offset and count_from is not None and dialect.name != "sqlite":
         # PostgreSQL and MariaDB visit every row they count, and the page has just
         # visited the `offset` books before it: count only those from it on.
         # (SQLite counts a whole table from its pages, faster than any part of it.)

@@ -643,7 +643,7 @@ def test_a_deep_sorted_page_steps_over_an_index_alone(engine, sort, index):
     the page's order (on PostgreSQL, of lower(title); on MariaDB, of its column
     title_lower) holds all that is needed to step over the books before it."""
     mariadb = getattr(engine.dialect, "is_mariadb", False)
-    if engine.dialect.name == "sqlite":
+    if engine.dialect.name != "postgresql" and not mariadb:
         pytest.skip("plans of PostgreSQL and MariaDB")
     _, _, page = main.book_queries(frozenset(), sort, mariadb)
     sql = str(page.compile(engine))
@@ -662,9 +662,9 @@ def test_a_deep_sorted_page_steps_over_an_index_alone(engine, sort, index):
             plan = connection.exec_driver_sql(
                 "EXPLAIN " + sql, {"offset": 90_000, "limit": 20}
             ).scalars()
-            assert f"Index Only Scan{' Backward' * (sort[0] == '-')} using {index}" in (
-                "\n".join(plan)
-            ), sql
+            backward = " Backward" if sort.startswith("-") else ""
+            scan = f"Index Only Scan{backward}"
+            assert f"{scan} using {index}" in "\n".join(plan), sql
 
 
 def test_a_list_by_title_follows_a_changed_title(client, shelf):
