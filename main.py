@@ -6,14 +6,16 @@ README.md walks through this file from top to bottom.
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
 import random
 import re
 import secrets
 import socket
+import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
 from datetime import UTC, datetime
@@ -36,9 +38,11 @@ from fastapi import (
 )
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import (
     AfterValidator,
+    BaseModel,
     BeforeValidator,
     PlainSerializer,
     StrictInt,
@@ -61,6 +65,7 @@ from sqlalchemy import (
     bindparam,
     column,
     event,
+    inspect,
 )
 from sqlalchemy import text as sql_text
 from sqlalchemy.dialects import mysql
@@ -96,11 +101,19 @@ from starlette.types import Message as ASGIMessage
 
 # --- Settings -----------------------------------------------------------------
 
+log = logging.getLogger("uvicorn.error")
 DATABASE_URL = os.environ.get("DATABASE_URL", "sqlite:///./bookstore.db")
 SQL_ECHO = os.environ.get("SQL_ECHO", "").lower() in ("1", "true", "yes", "on")
 ADMIN_TOKEN = os.environ.get("BOOKSTORE_ADMIN_TOKEN") or None
 # Seconds a request may wait for the database in all (connecting, locks, statements).
-DB_TIMEOUT = float(os.environ.get("DB_TIMEOUT", "10"))
+try:
+    DB_TIMEOUT = float(os.environ.get("DB_TIMEOUT", "10"))
+except ValueError:
+    DB_TIMEOUT = float("nan")
+if not 0 < DB_TIMEOUT < float("inf"):  # nan compares false too
+    value = os.environ["DB_TIMEOUT"]
+    log.critical("DB_TIMEOUT must be a positive number of seconds, not %r", value)
+    raise SystemExit(3)  # uvicorn's "failed to start": its other workers stop too
 # A transaction that meets a transient conflict runs again, this many times at most.
 # A lock is waited for a third of DB_TIMEOUT, so that a second run still fits in it.
 MAX_ATTEMPTS = 3
@@ -108,12 +121,17 @@ LOCK_TIMEOUT = DB_TIMEOUT / MAX_ATTEMPTS
 
 MAX_ID = 2_147_483_647  # the largest key that every database's INTEGER holds
 MAX_STOCK = 1_000_000_000
-MAX_BODY_BYTES = 1024 * 1024
+# The largest body a model can hold (a book whose 2,400 characters of text are all
+# written as JSON escapes, "\ud83d\ude00", is 29 KB): more is a 413, before the cost
+# of reading it is paid. A body still arriving after BODY_TIMEOUT seconds is a 408.
+MAX_BODY_BYTES = 32 * 1024
+BODY_TIMEOUT = 30
+# A 422 lists the first errors only: 100,000 unknown keys are not 100,000 errors.
+MAX_ERRORS = 20
 # Requests hold a worker thread only while they talk to the database (see
 # in_transaction): a few threads are enough, and each keeps its own SQLite page cache.
 WORKER_THREADS = 8
 
-log = logging.getLogger("uvicorn.error")
 T = TypeVar("T")
 
 
@@ -166,13 +184,6 @@ def set_sqlite_pragmas(dbapi_connection: Any, _connection_record: Any) -> None:
     # foreign_keys: SQLite ignores REFERENCES unless asked.
     for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON"):
         dbapi_connection.execute(f"PRAGMA {pragma}")
-    # SQLite's own lower() folds A-Z only: searches and sorts fold every letter's
-    # case with Python's, as PostgreSQL and MySQL do.
-    dbapi_connection.create_function("lower", 1, unicode_lower, deterministic=True)
-
-
-def unicode_lower(value: object) -> object:
-    return value.lower() if isinstance(value, str) else value
 
 
 engine = make_engine(DATABASE_URL)
@@ -236,8 +247,9 @@ def utcnow() -> datetime:
 
 
 class ExactText(TypeDecorator[str]):
-    """VARCHAR that compares exactly on every database: MySQL's default collation
-    ignores case, and its _bin collations ignore trailing spaces."""
+    """VARCHAR that compares exactly, and sorts by code point, on every database:
+    MySQL's default collation ignores case, its _bin collations ignore trailing
+    spaces, and PostgreSQL's sort as the database's locale says."""
 
     impl = String
     cache_ok = True
@@ -247,6 +259,8 @@ class ExactText(TypeDecorator[str]):
         self.length = length
 
     def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "postgresql":
+            return String(self.length, collation="C")
         if dialect.name not in ("mysql", "mariadb"):
             return self.impl_instance
         mariadb = getattr(dialect, "is_mariadb", False)
@@ -268,20 +282,17 @@ def isbn13_checksum(digits: str) -> int:
 
 def normalize_isbn(value: str) -> str:
     """Check an ISBN-10 or ISBN-13 and return it as the 13 digits of ISBN-13."""
-    digits = value.replace("-", "").replace(" ", "").upper()
-    if (
-        len(digits) == 10
-        and digits[:9].isdigit()
-        and (digits[9].isdigit() or digits[9] == "X")
-    ):
+    # [0-9], not isdigit(): Arabic-Indic and full-width digits are digits too.
+    digits = value.replace("-", "").replace(" ", "")
+    if re.fullmatch(r"[0-9]{9}[0-9Xx]", digits):
         checksum = sum(
-            (10 - i) * (10 if c == "X" else int(c)) for i, c in enumerate(digits)
+            (10 - i) * (10 if c in "Xx" else int(c)) for i, c in enumerate(digits)
         )
         if checksum % 11:
             raise ValueError("ISBN-10 check digit is wrong")
         digits = "978" + digits[:9]
         return digits + str(-isbn13_checksum(digits) % 10)
-    if len(digits) == 13 and digits.isdigit():
+    if re.fullmatch(r"[0-9]{13}", digits):
         if isbn13_checksum(digits) % 10:
             raise ValueError("ISBN-13 check digit is wrong")
         return digits
@@ -303,11 +314,12 @@ Amount = Annotated[
 MONEY_STRING = r"^[0-9]{1,8}(\.[0-9]{1,2})?$"
 
 
-def check_money_string(value: object) -> object:
-    """Money comes as a JSON number or as a string that looks like one: "10.99"."""
+def check_money(value: object) -> object:
+    """Money comes as a JSON number, read as a Decimal (see ExactJSONRequest), or as
+    a string that looks like one: "10.99". -0 is 0."""
     if isinstance(value, str) and not re.fullmatch(MONEY_STRING, value):
         raise ValueError('must look like "10.99": at most 8 digits, 2 decimal places')
-    return value
+    return value + 0 if isinstance(value, Decimal) else value
 
 
 # The bounds before the BeforeValidator: pydantic checks them in its compiled core;
@@ -315,7 +327,7 @@ def check_money_string(value: object) -> object:
 Price = Annotated[
     Amount,
     Field(ge=0, lt=100_000_000, decimal_places=2),
-    BeforeValidator(check_money_string),
+    BeforeValidator(check_money),
     WithJsonSchema(
         {
             "anyOf": [
@@ -334,6 +346,17 @@ Price = Annotated[
 # Integers in bodies are strict: true, 2.0 and "2" are not numbers of copies.
 Stock = Annotated[StrictInt, Field(ge=0, le=MAX_STOCK)]
 PathId = Annotated[int, Path(ge=1, le=MAX_ID)]
+
+
+class Body(SQLModel):
+    """A request body: an unknown field, such as a typo ("prise"), is a 422."""
+
+    model_config = {"extra": "forbid"}
+    # pydantic builds a model with an __init__ of its own by calling it with the
+    # body's keys as keyword arguments, and SQLModel's __new__ and __init__ have
+    # parameters named "cls" and "__pydantic_self__": such a key would be a 500. A
+    # body is no table, so pydantic's plain __init__ serves, which it skips.
+    __init__ = BaseModel.__init__
 
 
 # --- Books ------------------------------------------------------------------------
@@ -364,6 +387,8 @@ class Book(BookBase, table=True):
         Index("book_price_id", "price", "id"),
         Index("book_year_id", "year", "id"),
         Index("book_created_at_id", "created_at", "id"),
+        Index("book_title_folded_id", "title_folded", "id"),
+        Index("book_author_folded_id", "author_folded", "id"),
         MYSQL_UTF8,
     )
 
@@ -372,94 +397,75 @@ class Book(BookBase, table=True):
     id: int | None = Field(default=None, primary_key=True, index=True)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    # The title and author as Python's str.lower() folds them (fold_case), which
+    # searches and sorts compare: each database folds case its own way (MariaDB's
+    # lower() leaves 741 letters as they are, PostgreSQL's depends on its locale).
+    # Nullable: a database made before them gets them at start-up, filled.
+    title_folded: str | None = Field(default=None, sa_type=ExactText(400))
+    author_folded: str | None = Field(default=None, sa_type=ExactText(400))
 
 
-# On SQLite, a trigram index of titles and authors (FTS5), kept current by
-# triggers, finds the books that a search of 3 or more characters matches, without
-# reading every title (see find_books). IF NOT EXISTS and the rebuild give the
-# index to a database file made before it existed, at start-up.
+@event.listens_for(Book, "before_insert")
+@event.listens_for(Book, "before_update")
+def fold_case(_mapper: Any, _connection: Any, book: Book) -> None:
+    book.title_folded = book.title.lower()
+    book.author_folded = book.author.lower()
+
+
+# On SQLite, a trigram index of the folded titles and authors (FTS5), kept current
+# by triggers, finds the books that a search of 3 or more characters matches,
+# without reading every title (see find_books). case_sensitive: the text is folded
+# already, and FTS5's own folding differs from Python's.
 SQLITE_SEARCH_INDEX = (
-    """CREATE VIRTUAL TABLE IF NOT EXISTS book_search USING fts5(
-        title, author, content='book', content_rowid='id', tokenize='trigram')""",
-    """CREATE TRIGGER IF NOT EXISTS book_search_insert AFTER INSERT ON book BEGIN
-        INSERT INTO book_search(rowid, title, author)
-        VALUES (new.id, new.title, new.author);
+    """CREATE VIRTUAL TABLE book_search USING fts5(
+        title_folded, author_folded, content='book', content_rowid='id',
+        tokenize='trigram case_sensitive 1')""",
+    """CREATE TRIGGER book_search_insert AFTER INSERT ON book BEGIN
+        INSERT INTO book_search(rowid, title_folded, author_folded)
+        VALUES (new.id, new.title_folded, new.author_folded);
     END""",
-    """CREATE TRIGGER IF NOT EXISTS book_search_delete AFTER DELETE ON book BEGIN
-        INSERT INTO book_search(book_search, rowid, title, author)
-        VALUES ('delete', old.id, old.title, old.author);
+    """CREATE TRIGGER book_search_delete AFTER DELETE ON book BEGIN
+        INSERT INTO book_search(book_search, rowid, title_folded, author_folded)
+        VALUES ('delete', old.id, old.title_folded, old.author_folded);
     END""",
-    """CREATE TRIGGER IF NOT EXISTS book_search_update
-    AFTER UPDATE OF title, author ON book BEGIN
-        INSERT INTO book_search(book_search, rowid, title, author)
-        VALUES ('delete', old.id, old.title, old.author);
-        INSERT INTO book_search(rowid, title, author)
-        VALUES (new.id, new.title, new.author);
+    """CREATE TRIGGER book_search_update
+    AFTER UPDATE OF title_folded, author_folded ON book BEGIN
+        INSERT INTO book_search(book_search, rowid, title_folded, author_folded)
+        VALUES ('delete', old.id, old.title_folded, old.author_folded);
+        INSERT INTO book_search(rowid, title_folded, author_folded)
+        VALUES (new.id, new.title_folded, new.author_folded);
     END""",
+    "INSERT INTO book_search(book_search) VALUES ('rebuild')",  # the books there
 )
 
 
-# On PostgreSQL, indexes of lower(title) and lower(author) serve a sorted page,
-# and trigram indexes (pg_trgm) serve ILIKE '%...%' as it is. INCLUDE: PostgreSQL
-# steps over the books before a page in an index alone only if it holds the column
-# too (a page 90,000 books in, by title: 146 ms without, 19 ms with).
-POSTGRESQL_SORT_INDEXES = (
-    "CREATE INDEX IF NOT EXISTS book_title_lower ON book (lower(title), id)"
-    " INCLUDE (title)",
-    "CREATE INDEX IF NOT EXISTS book_author_lower ON book (lower(author), id)"
-    " INCLUDE (author)",
-)
+# On PostgreSQL, trigram indexes (pg_trgm) serve LIKE '%...%' as it is.
 POSTGRESQL_SEARCH_INDEXES = (
     "CREATE EXTENSION IF NOT EXISTS pg_trgm",
-    "CREATE INDEX IF NOT EXISTS book_title_trgm ON book USING gin (title gin_trgm_ops)",
-    "CREATE INDEX IF NOT EXISTS book_author_trgm ON book"
-    " USING gin (author gin_trgm_ops)",
+    "CREATE INDEX IF NOT EXISTS book_title_folded_trgm ON book"
+    " USING gin (title_folded gin_trgm_ops)",
+    "CREATE INDEX IF NOT EXISTS book_author_folded_trgm ON book"
+    " USING gin (author_folded gin_trgm_ops)",
 )
-# MariaDB indexes no expression, but it indexes a virtual column: lower(title) and
-# lower(author) as columns of their own, which a sorted page names (book_queries).
-MARIADB_SORT_COLUMNS = (
-    "ALTER TABLE book"
-    " ADD COLUMN IF NOT EXISTS title_lower VARCHAR(200)"
-    " COLLATE utf8mb4_nopad_bin AS (lower(title)) VIRTUAL,"
-    " ADD COLUMN IF NOT EXISTS author_lower VARCHAR(200)"
-    " COLLATE utf8mb4_nopad_bin AS (lower(author)) VIRTUAL,"
-    " ADD INDEX IF NOT EXISTS book_title_lower (title_lower, id),"
-    " ADD INDEX IF NOT EXISTS book_author_lower (author_lower, id)"
+# What earlier versions made to search and sort by each database's own folding.
+OBSOLETE_POSTGRESQL = (
+    "DROP INDEX IF EXISTS book_title_lower, book_author_lower,"
+    " book_title_trgm, book_author_trgm"
+)
+OBSOLETE_MARIADB = (
+    "ALTER TABLE book DROP COLUMN IF EXISTS title_lower,"
+    " DROP COLUMN IF EXISTS author_lower"
+)
+OBSOLETE_SQLITE = (
+    "DROP TRIGGER IF EXISTS book_search_insert",
+    "DROP TRIGGER IF EXISTS book_search_delete",
+    "DROP TRIGGER IF EXISTS book_search_update",
+    "DROP TABLE IF EXISTS book_search",
 )
 
 
-@event.listens_for(SQLModel.metadata, "after_create")
-def create_search_indexes(_: Any, connection: Connection, **__: Any) -> None:
-    """The indexes create_all cannot make (on MariaDB, with the columns they index),
-    also in a database made without them."""
-    if connection.dialect.name == "postgresql":
-        for statement in POSTGRESQL_SORT_INDEXES:
-            connection.exec_driver_sql(statement)
-        try:
-            with connection.begin_nested():
-                for statement in POSTGRESQL_SEARCH_INDEXES:
-                    connection.exec_driver_sql(statement)
-        except (ProgrammingError, OperationalError) as error:
-            # pg_trgm ships with PostgreSQL, and a database's owner may add it
-            # since PostgreSQL 13; without it, a search reads every title.
-            log.warning("Search will be slower, without pg_trgm: %s", error.orig)
-    elif getattr(connection.dialect, "is_mariadb", False):
-        connection.exec_driver_sql(MARIADB_SORT_COLUMNS)
-    elif connection.dialect.name == "sqlite":
-        exists = connection.exec_driver_sql(
-            "SELECT 1 FROM sqlite_master WHERE name = 'book_search'"
-        ).first()
-        for statement in SQLITE_SEARCH_INDEX:
-            connection.exec_driver_sql(statement)
-        if not exists:  # index the books already there
-            connection.exec_driver_sql(
-                "INSERT INTO book_search(book_search) VALUES ('rebuild')"
-            )
-
-
-class BookCreate(BookBase):
+class BookCreate(BookBase, Body):
     model_config = {
-        "extra": "forbid",
         "json_schema_extra": {
             "examples": [
                 {
@@ -497,6 +503,10 @@ class BookPublic(BookBase):
         }
     }
 
+    # Answers are not inputs: a cancel may lift the stock past what a client may
+    # send, and a book stored by an earlier version keeps its ISBN as it was.
+    isbn: str | None = Field(default=None, description="ISBN-13")
+    stock: int = Field(default=0, description="Copies on hand")
     id: int
     created_at: datetime
     updated_at: datetime
@@ -507,9 +517,8 @@ class BookPublic(BookBase):
         return self.stock > 0
 
 
-class BookUpdate(SQLModel):
+class BookUpdate(Body):
     model_config = {
-        "extra": "forbid",
         "json_schema_extra": {"examples": [{"price": "44.99", "stock": 12}]},
     }
 
@@ -523,11 +532,8 @@ class BookUpdate(SQLModel):
     stock: Stock = Field(default=None)
 
 
-class StockChange(SQLModel):
-    model_config = {
-        "extra": "forbid",
-        "json_schema_extra": {"examples": [{"delta": 5}]},
-    }
+class StockChange(Body):
+    model_config = {"json_schema_extra": {"examples": [{"delta": 5}]}}
 
     delta: StrictInt = Field(
         ge=-MAX_STOCK,
@@ -592,8 +598,8 @@ class OrderItem(OrderItemBase, table=True):
     line_total: Decimal = Field(sa_type=Money(15))
 
 
-class OrderItemCreate(OrderItemBase):
-    model_config = {"extra": "forbid"}
+class OrderItemCreate(OrderItemBase, Body):
+    pass
 
 
 class OrderItemPublic(OrderItemBase):
@@ -634,9 +640,8 @@ class Order(OrderBase, table=True):
     )
 
 
-class OrderCreate(OrderBase):
+class OrderCreate(OrderBase, Body):
     model_config = {
-        "extra": "forbid",
         "json_schema_extra": {
             "examples": [
                 {
@@ -692,11 +697,8 @@ class OrderPublic(OrderBase):
     updated_at: datetime
 
 
-class StatusChange(SQLModel):
-    model_config = {
-        "extra": "forbid",
-        "json_schema_extra": {"examples": [{"status": "confirmed"}]},
-    }
+class StatusChange(Body):
+    model_config = {"json_schema_extra": {"examples": [{"status": "confirmed"}]}}
 
     status: OrderStatus
 
@@ -785,13 +787,20 @@ def is_transient(error: DBAPIError) -> bool:
 
 
 def run_transaction(
-    session: Session, work: Callable[..., T], args: tuple[Any, ...], deadline: float
+    session: Session,
+    work: Callable[..., T],
+    args: tuple[Any, ...],
+    verdict: threading.Lock,
 ) -> T:
     """Run work(session, *args) and commit, as one transaction, in a worker thread.
 
     A transient conflict, or a connection found dead before the commit, rolls the
     transaction back and runs it again after a short random pause, a few times at
-    most and before `deadline`. Any other failure of the database is a 503.
+    most. Any other failure of the database is a 503.
+
+    `verdict` is taken by the commit or by a 503 at DB_TIMEOUT (in_transaction),
+    whichever comes first: a client told 503 never has its work committed, and a
+    unit whose client was answered while it waited for a thread starts nothing.
     """
     attempt = 0
     with session:
@@ -799,19 +808,21 @@ def run_transaction(
             attempt += 1
             committing = False
             try:
-                result = work(session, *args)
-                # Past the deadline the client has had its 503: commit nothing.
-                if time.monotonic() > deadline:
+                if not verdict.locked():
+                    result = work(session, *args)
+                if not verdict.acquire(blocking=False):
                     raise DatabaseUnavailable(f"no answer within {DB_TIMEOUT} s")
                 committing = True
                 session.commit()
                 return result
             except (OperationalError, InterfaceError) as error:
                 session.rollback()
+                if committing:
+                    verdict.release()  # not committed: the verdict is open again
                 retry = is_transient(error) or (
                     error.connection_invalidated and not committing
                 )
-                if not retry or attempt == MAX_ATTEMPTS or time.monotonic() > deadline:
+                if not retry or attempt == MAX_ATTEMPTS:
                     raise DatabaseUnavailable(error.orig) from None
                 time.sleep(random.uniform(0, 0.05 * attempt))  # noqa: S311 (jitter)
             finally:
@@ -849,7 +860,9 @@ async def in_transaction(
 
     The answer comes within DB_TIMEOUT whatever the database does: a unit still
     running then (connecting, or waiting for a thread) is left to fail on its own,
-    and can no longer commit.
+    and can no longer commit. One already committing is waited for a third of
+    DB_TIMEOUT more, so that its client learns what happened; past that, a
+    database that does not answer its commit leaves nobody knowing.
     """
     bind = session.get_bind().engine
     one_thread = bind.dialect.name == "sqlite" and (
@@ -857,13 +870,95 @@ async def in_transaction(
     )
     threads = sqlite_writer if one_thread else database_threads
     loop = asyncio.get_running_loop()
-    deadline = time.monotonic() + DB_TIMEOUT
-    unit = loop.run_in_executor(threads, run_transaction, session, work, args, deadline)
+    verdict = threading.Lock()
+    unit = loop.run_in_executor(threads, run_transaction, session, work, args, verdict)
     try:
         return await asyncio.wait_for(asyncio.shield(unit), DB_TIMEOUT)
     except TimeoutError:
+        if not verdict.acquire(blocking=False):  # committing
+            with suppress(TimeoutError):
+                return await asyncio.wait_for(asyncio.shield(unit), LOCK_TIMEOUT)
         cut_off(session)
         raise DatabaseUnavailable(f"no answer within {DB_TIMEOUT} s") from None
+
+
+FOLD_CASE = (
+    update(Book)
+    .where(col(Book.id) == bindparam("book_id"))
+    .values(
+        title_folded=bindparam("folded_title"),
+        author_folded=bindparam("folded_author"),
+    )
+)
+
+
+def create_tables(connection: Connection) -> None:
+    """Create the tables, or bring those of a database made by an earlier version
+    up to this one, keeping every row: the columns and indexes they lack, the
+    folded text of their books, and the indexes each database makes its own way."""
+    SQLModel.metadata.create_all(connection)
+    inspector = inspect(connection)
+    dialect = connection.dialect
+    quote = dialect.identifier_preparer
+    for table in SQLModel.metadata.sorted_tables:
+        present = {info["name"] for info in inspector.get_columns(table.name)}
+        for missing in [c for c in table.columns if c.name not in present]:
+            if not missing.nullable:
+                problem = (
+                    f"Table {table.name} has no column {missing.name}, and its rows"
+                    " need one: add it by hand, or start on a new database"
+                )
+                log.critical(problem)
+                raise RuntimeError(problem)
+            table_name, name = quote.format_table(table), quote.format_column(missing)
+            connection.exec_driver_sql(
+                f"ALTER TABLE {table_name} ADD COLUMN {name}"
+                f" {missing.type.compile(dialect)}"
+            )
+            if missing.unique:
+                connection.exec_driver_sql(
+                    f"CREATE UNIQUE INDEX uq_{table.name}_{missing.name}"
+                    f" ON {table_name} ({name})"
+                )
+        indexes = {index["name"] for index in inspector.get_indexes(table.name)}
+        for index in table.indexes:
+            if index.name not in indexes:
+                index.create(connection)
+    unfolded = select(Book.id, Book.title, Book.author).where(
+        col(Book.title_folded).is_(None)
+    )
+    if books := connection.execute(unfolded).all():
+        connection.execute(
+            FOLD_CASE,
+            [
+                {
+                    "book_id": book_id,
+                    "folded_title": title.lower(),
+                    "folded_author": author.lower(),
+                }
+                for book_id, title, author in books
+            ],
+        )
+    if dialect.name == "postgresql":
+        connection.exec_driver_sql(OBSOLETE_POSTGRESQL)
+        try:
+            with connection.begin_nested():
+                for statement in POSTGRESQL_SEARCH_INDEXES:
+                    connection.exec_driver_sql(statement)
+        except (ProgrammingError, OperationalError) as error:
+            # pg_trgm ships with PostgreSQL, and a database's owner may add it
+            # since PostgreSQL 13; without it, a search reads every title.
+            log.warning("Search will be slower, without pg_trgm: %s", error.orig)
+    elif getattr(dialect, "is_mariadb", False):
+        connection.exec_driver_sql(OBSOLETE_MARIADB)
+    elif dialect.name == "sqlite":
+        # The triggers go with the book table, and earlier ones indexed other text.
+        trigger = connection.exec_driver_sql(
+            "SELECT sql FROM sqlite_master WHERE name = 'book_search_insert'"
+        ).scalar()
+        if "title_folded" not in (trigger or ""):
+            for statement in OBSOLETE_SQLITE + SQLITE_SEARCH_INDEX:
+                connection.exec_driver_sql(statement)
 
 
 @asynccontextmanager
@@ -872,7 +967,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # CREATE fails, and its next attempt finds the tables in place.
     for attempt in range(5):
         try:
-            SQLModel.metadata.create_all(engine)
+            with engine.begin() as connection:
+                create_tables(connection)
             break
         except SQLAlchemyError:
             if attempt == 4:
@@ -889,21 +985,34 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     engine.dispose()
 
 
-class LimitBodySize:
+class LimitBody:
     """Answer 413 once a request body grows past MAX_BODY_BYTES, whether it was
-    announced by Content-Length or sent in chunks, before more is read."""
+    announced by Content-Length or sent in chunks, before more is read; and 408,
+    closing the connection, when it has not all arrived BODY_TIMEOUT seconds after
+    the request began (a client sending a byte a second holds no connection long)."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        deadline = asyncio.get_running_loop().time() + BODY_TIMEOUT
         received = 0
+        complete = False
 
         async def receive_limited() -> ASGIMessage:
-            nonlocal received
-            message = await receive()
+            nonlocal received, complete
+            if complete:
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:  # FastAPI answers with these exceptions
+                raise HTTPException(
+                    408, "Request body too slow", headers={"Connection": "close"}
+                ) from None
             received += len(message.get("body", b""))
-            if received > MAX_BODY_BYTES:  # FastAPI answers with this exception
+            complete = not message.get("more_body", False)
+            if received > MAX_BODY_BYTES:
                 raise HTTPException(
                     413, f"Request body is larger than {MAX_BODY_BYTES} bytes"
                 )
@@ -924,8 +1033,8 @@ class SameWithTrailingSlash:
             return await self.app(scope, receive, send)
         path = scope["path"]
         raw_path = scope.get("raw_path") or path.encode()
-        if len(path) > 1 and raw_path.endswith(b"/"):
-            scope = {**scope, "path": path.rstrip("/") or "/"}
+        if len(path) > 1 and raw_path.endswith(b"/"):  # one slash: /books/1%2F/ stays
+            scope = {**scope, "path": path[:-1]}
         if scope["method"] != "HEAD":
             return await self.app(scope, receive, send)
 
@@ -935,6 +1044,35 @@ class SameWithTrailingSlash:
             await send(message)
 
         await self.app({**scope, "method": "GET"}, receive, send_headers_only)
+
+
+class ExactJSONRequest(Request):
+    """A request whose JSON body must be UTF-8, and whose numbers are read exactly:
+    as a float, 10.999999999999999999 would become 11.0, a price nobody sent."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            body = await self.body()
+            try:  # a NUL byte is never JSON: UTF-16 or UTF-32 text has them
+                text = body.decode() if b"\x00" not in body else None
+            except UnicodeDecodeError:
+                text = None
+            if text is None:
+                raise HTTPException(400, "Request body is not UTF-8")
+            self._json = json.loads(text, parse_float=Decimal)
+        return self._json
+
+
+class ExactJSONRoute(APIRoute):
+    """A route that reads its body with ExactJSONRequest."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def read_exactly(request: Request) -> Response:
+            return await handler(ExactJSONRequest(request.scope, request.receive))
+
+        return read_exactly
 
 
 RETRY_AFTER = {"description": "Seconds to wait", "schema": {"type": "integer"}}
@@ -993,7 +1131,8 @@ app = FastAPI(
     lifespan=lifespan,
     redirect_slashes=False,  # SameWithTrailingSlash answers /books/ directly
 )
-app.add_middleware(LimitBodySize)
+app.router.route_class = ExactJSONRoute
+app.add_middleware(LimitBody)
 app.add_middleware(SameWithTrailingSlash)
 
 
@@ -1016,7 +1155,8 @@ async def validation_error(
     some inputs (NaN, 1e400, unpaired surrogates), and FastAPI's own answer fails
     on them."""
     errors = [
-        {"type": e["type"], "loc": e["loc"], "msg": e["msg"]} for e in exc.errors()
+        {"type": e["type"], "loc": e["loc"], "msg": e["msg"]}
+        for e in exc.errors()[:MAX_ERRORS]
     ]
     return JSONResponse({"detail": errors}, 422)
 
@@ -1041,18 +1181,25 @@ async def require_admin(
 
 
 # Routes that change the catalogue or touch orders: the shop's, not the customers'.
-admin = APIRouter(dependencies=[Depends(require_admin)], responses=answers(401))
+admin = APIRouter(
+    dependencies=[Depends(require_admin)],
+    responses=answers(401),
+    route_class=ExactJSONRoute,
+)
 
 
 @app.exception_handler(405)
 async def method_not_allowed(request: Request, exc: HTTPException) -> JSONResponse:
-    """405 with every method the path has in Allow; Starlette lists only one route's."""
+    """405 with every method the path has in Allow (HEAD wherever GET, as
+    SameWithTrailingSlash answers it); Starlette lists only one route's."""
     methods = {
         method
         for route in [*app.routes, *admin.routes]
         if route.matches(request.scope)[0] != Match.NONE
         for method in getattr(route, "methods", ())
     }
+    if "GET" in methods:
+        methods.add("HEAD")
     allow = ", ".join(sorted(methods))
     return JSONResponse({"detail": exc.detail}, 405, headers={"Allow": allow})
 
@@ -1143,15 +1290,15 @@ def like_pattern(text: str) -> str:
 # Like BOOK_BY_ID, the statements are built once (for each combination of filters
 # and sort, by book_queries) and run with the values of each request.
 BOOK_CONDITIONS = {
-    "q": col(Book.title).ilike(bindparam("q"), escape="/")
-    | col(Book.author).ilike(bindparam("q"), escape="/"),
+    "q": col(Book.title_folded).like(bindparam("q"), escape="/")
+    | col(Book.author_folded).like(bindparam("q"), escape="/"),
     # On SQLite, a q of 3 or more characters, looked up in book_search instead.
     "phrase": col(Book.id).in_(
         sql_text(
             "SELECT rowid FROM book_search WHERE book_search MATCH :phrase"
         ).columns(column("rowid"))
     ),
-    "author": col(Book.author).ilike(bindparam("author"), escape="/"),
+    "author": col(Book.author_folded).like(bindparam("author"), escape="/"),
     "in_stock": (col(Book.stock) > 0) == bindparam("in_stock"),
     "min_price": col(Book.price) >= bindparam("min_price"),
     "max_price": col(Book.price) <= bindparam("max_price"),
@@ -1161,17 +1308,17 @@ BOOK_CONDITIONS = {
 
 @cache
 def book_queries(
-    filters: frozenset[str], sort: str, mariadb: bool
+    filters: frozenset[str], sort: str
 ) -> tuple[SelectOfScalar[int], SelectOfScalar[int] | None, SelectOfScalar[Book]]:
     """Statements that count the books matching `filters` (all of them, and, in id
     order only, those from the id `first` on), and read a page of them."""
     conditions = [BOOK_CONDITIONS[name] for name in BOOK_CONDITIONS if name in filters]
     count = select(func.count()).select_from(Book).where(*conditions)
     sort_field = sort.lstrip("-")
-    field: ColumnElement[Any] = getattr(Book, sort_field)
-    if sort_field in ("title", "author"):  # the same order on every database,
-        # which MariaDB reads from a column of its own (MARIADB_SORT_COLUMNS)
-        field = column(f"{sort_field}_lower") if mariadb else func.lower(field)
+    if sort_field in ("title", "author"):  # by the folded text: the same everywhere
+        field: ColumnElement[Any] = getattr(Book, f"{sort_field}_folded")
+    else:
+        field = getattr(Book, sort_field)
     descending = sort.startswith("-")
     order_by = [field.desc() if descending else field.asc()]
     count_from = None
@@ -1199,18 +1346,17 @@ def book_queries(
 def find_books(session: Session, filters: BookFilter) -> tuple[Sequence[Row[Any]], int]:
     """A page of the books that match `filters`, and how many match in all."""
     values = filters.model_dump(exclude_none=True, exclude={"offset", "limit", "sort"})
-    q = values.pop("q", None)
+    q = values.pop("q", "").lower()  # folded as the titles are (Book.title_folded)
     dialect = session.get_bind().dialect
-    if q is not None and len(q) >= 3 and dialect.name == "sqlite":
-        # The trigram index finds a quoted phrase anywhere in the words, folding
-        # case as lower() does: the same books as the LIKE of q, without a scan.
+    if len(q) >= 3 and dialect.name == "sqlite":
+        # The trigram index finds a quoted phrase anywhere in the folded text:
+        # the same books as the LIKE of q, without a scan.
         values["phrase"] = '"' + q.replace('"', '""') + '"'
-    elif q is not None:
+    elif q:
         values["q"] = like_pattern(q)
     if filters.author is not None:
-        values["author"] = like_pattern(filters.author)
-    mariadb = getattr(dialect, "is_mariadb", False)
-    count, count_from, page = book_queries(frozenset(values), filters.sort, mariadb)
+        values["author"] = like_pattern(filters.author.lower())
+    count, count_from, page = book_queries(frozenset(values), filters.sort)
     # Rows, not Book objects, as in read_book_or_404.
     connection = session.connection()
     offset, limit = filters.offset, filters.limit
