@@ -303,14 +303,15 @@ Stock = Annotated[StrictInt, Field(ge=0, le=MAX_STOCK)]
 PathId = Annotated[int, Path(ge=1, le=MAX_ID)]
 
 
-class Body(SQLModel):
-    """A request body: an unknown field, such as a typo ("prise"), is a 422."""
+class Input(SQLModel):
+    """What a client sends, a body or a list's query: an unknown field, such as a
+    typo ("prise", ?autor=), is a 422."""
 
     model_config = {"extra": "forbid"}
     # pydantic builds a model with an __init__ of its own by calling it with the
-    # body's keys as keyword arguments, and SQLModel's __new__ and __init__ have
-    # parameters named "cls" and "__pydantic_self__": such a key would be a 500. A
-    # body is no table, so pydantic's plain __init__ serves, which it skips.
+    # client's keys as keyword arguments, and SQLModel's __new__ and __init__ have
+    # parameters named "cls" and "__pydantic_self__": such a key would be a 500. An
+    # input is no table, so pydantic's plain __init__ serves, which it skips.
     __init__ = BaseModel.__init__
 
 
@@ -355,7 +356,7 @@ class Book(BookBase, table=True):
     author_folded: str | None = Field(default=None, sa_type=ExactText(400))
 
 
-class BookCreate(BookBase, Body):
+class BookCreate(BookBase, Input):
     model_config = {
         "json_schema_extra": {
             "examples": [
@@ -388,7 +389,7 @@ class BookPublic(BookBase):
         return self.stock > 0
 
 
-class BookUpdate(Body):
+class BookUpdate(Input):
     model_config = {
         "json_schema_extra": {"examples": [{"price": "44.99", "stock": 12}]},
     }
@@ -403,7 +404,7 @@ class BookUpdate(Body):
     stock: Stock = Field(default=None)
 
 
-class StockChange(Body):
+class StockChange(Input):
     model_config = {"json_schema_extra": {"examples": [{"delta": 5}]}}
 
     delta: StrictInt = Field(
@@ -469,7 +470,7 @@ class OrderItem(OrderItemBase, table=True):
     line_total: Decimal = Field(sa_type=Money(15))
 
 
-class OrderItemCreate(OrderItemBase, Body):
+class OrderItemCreate(OrderItemBase, Input):
     pass
 
 
@@ -511,7 +512,7 @@ class Order(OrderBase, table=True):
     )
 
 
-class OrderCreate(OrderBase, Body):
+class OrderCreate(OrderBase, Input):
     model_config = {
         "json_schema_extra": {
             "examples": [
@@ -544,7 +545,7 @@ class OrderPublic(OrderBase):
     updated_at: datetime
 
 
-class StatusChange(Body):
+class StatusChange(Input):
     model_config = {"json_schema_extra": {"examples": [{"status": "confirmed"}]}}
 
     status: OrderStatus
@@ -564,7 +565,7 @@ class HealthStatus(SQLModel):
     status: Literal["ok"]
 
 
-class Page(SQLModel):
+class Page(Input):
     offset: int = Field(default=0, ge=0, le=1_000_000)
     limit: int = Field(default=20, ge=1, le=100)
 

@@ -596,6 +596,13 @@ def test_list_books_refuses_bad_parameters(client, params):
     assert error_locations(client.get("/books", params=params)) == [["query", *params]]
 
 
+@pytest.mark.parametrize("path", ["/books", "/orders"])
+@pytest.mark.parametrize("name", ["autor", "Author", "cls", "q "])
+def test_an_unknown_query_parameter_of_a_list_is_422_naming_it(client, path, name):
+    create_book(client)
+    assert error_locations(client.get(path, params={name: "x"})) == [["query", name]]
+
+
 def test_search_follows_changes_to_titles_and_authors(client, engine):
     dune = create_book(client)
     create_book(client, title="Emma", author="Jane Austen")
