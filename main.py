@@ -1053,7 +1053,6 @@ def place_order(
         for item in order_in.items
     ]
     order.total = sum((item.line_total for item in order.items), Decimal(0))
-    session.flush()
     response.headers["Location"] = f"/orders/{order.id}"
     return order
 
