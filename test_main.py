@@ -22,7 +22,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -196,17 +196,19 @@ def test_docs_and_schema_are_served(client):
 
 def test_schema_declares_every_route_and_error_answer(client):
     paths = client.get("/openapi.json").json()["paths"]
-    # 413 where a body is read; 503 wherever the database is used.
+    # 413 where a body is read; 503 wherever the database is used; 412 where
+    # If-Match is, 304 where If-None-Match is.
     with_body = {"200", "400", "401", "404", "409", "413", "422", "503"}
+    delete_book = {"204", "401", "404", "409", "412", "422", "503"}
     expected = {
-        ("/books", "post"): {"201", "400", "401", "409", "413", "422", "503"},
+        ("/books", "post"): {"200", "201", "400", "401", "409", "413", "422", "503"},
         ("/books", "get"): {"200", "422", "503"},
-        ("/books/{book_id}", "get"): {"200", "404", "422", "503"},
-        ("/books/{book_id}", "patch"): with_body,
-        ("/books/{book_id}", "put"): with_body,
-        ("/books/{book_id}", "delete"): {"204", "401", "404", "409", "422", "503"},
-        ("/books/{book_id}/stock", "get"): {"200", "404", "422", "503"},
-        ("/books/{book_id}/stock", "post"): with_body,
+        ("/books/{book_id}", "get"): {"200", "304", "404", "422", "503"},
+        ("/books/{book_id}", "patch"): with_body | {"412"},
+        ("/books/{book_id}", "put"): with_body | {"412"},
+        ("/books/{book_id}", "delete"): delete_book,
+        ("/books/{book_id}/stock", "get"): {"200", "304", "404", "422", "503"},
+        ("/books/{book_id}/stock", "post"): with_body | {"412"},
         ("/orders", "post"): {"200", "201", "400", "404", "409", "413", "422", "503"},
         ("/orders", "get"): {"200", "401", "422", "503"},
         ("/orders/{order_id}", "get"): {"200", "401", "404", "422", "503"},
@@ -220,7 +222,7 @@ def test_schema_declares_every_route_and_error_answer(client):
     for (path, method), codes in expected.items():
         operation = paths[path][method]
         assert set(operation["responses"]) == codes, (path, method)
-        for code in codes - {"200", "201", "204", "422"}:
+        for code in codes - {"200", "201", "204", "304", "422"}:
             schema = operation["responses"][code]["content"]["application/json"][
                 "schema"
             ]
@@ -238,6 +240,43 @@ def test_schema_declares_every_route_and_error_answer(client):
     for path in ("/books", "/orders"):
         headers = paths[path]["get"]["responses"]["200"]["headers"]
         assert headers["X-Total-Count"]["schema"] == {"type": "integer"}
+
+
+def test_schema_declares_etags_and_the_headers_that_name_them(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    book, stock = paths["/books/{book_id}"], paths["/books/{book_id}/stock"]
+    answers_with_etag = [
+        (paths["/books"]["post"], ["200", "201"]),
+        (book["get"], ["200", "304"]),
+        (book["patch"], ["200"]),
+        (book["put"], ["200"]),
+        (stock["get"], ["200", "304"]),
+        (stock["post"], ["200"]),
+    ]
+    for operation, codes in answers_with_etag:
+        for code in codes:
+            etag = operation["responses"][code]["headers"]["ETag"]
+            assert etag["schema"] == {"type": "string"}
+    assert "content" not in book["get"]["responses"]["304"]
+    request_headers = {
+        (path, method): {
+            parameter["name"]
+            for parameter in operation.get("parameters", [])
+            if parameter["in"] == "header"
+        }
+        for path, methods in paths.items()
+        for method, operation in methods.items()
+    }
+    assert {key: names for key, names in request_headers.items() if names} == {
+        ("/books", "post"): {"Idempotency-Key"},
+        ("/books/{book_id}", "get"): {"If-None-Match"},
+        ("/books/{book_id}", "patch"): {"If-Match"},
+        ("/books/{book_id}", "put"): {"If-Match"},
+        ("/books/{book_id}", "delete"): {"If-Match"},
+        ("/books/{book_id}/stock", "get"): {"If-None-Match"},
+        ("/books/{book_id}/stock", "post"): {"If-Match", "Idempotency-Key"},
+        ("/orders", "post"): {"Idempotency-Key"},
+    }
 
 
 OPERATIONS = {
@@ -837,29 +876,39 @@ def test_update_missing_book_is_404(client):
     )
 
 
-def test_a_book_deleted_between_read_and_write_is_404(client, engine):
+def test_a_delete_waits_for_a_change_of_the_book_under_way(client, engine):
     """A real race, made to happen on time: another connection deletes the book
-    after the update has read it and before it writes."""
+    after the update has read it and before it writes. The update holds the book
+    until it commits (lock_book): the delete waits for that, then deletes it."""
     if engine.url.database in (None, "", ":memory:"):
         pytest.skip("an in-memory database has no second connection")
     book = create_book(client)
     other = make_engine(engine.url.render_as_string(hide_password=False))
+    deleted_at = []
 
-    deleted = []
+    def delete_book():
+        with other.begin() as connection:
+            connection.execute(delete(Book).where(Book.id == book["id"]))
+        deleted_at.append(time.monotonic())
 
-    def delete_first(connection, cursor, statement, *args):
-        if statement.startswith("UPDATE book") and not deleted:
-            deleted.append(book["id"])
-            with other.begin() as deleting:
-                deleting.execute(delete(Book).where(Book.id == book["id"]))
+    deleting = threading.Thread(target=delete_book)
 
-    event.listen(engine, "before_cursor_execute", delete_first)
+    def delete_meanwhile(connection, cursor, statement, *args):
+        if statement.startswith("UPDATE book") and not deleting.is_alive():
+            deleting.start()
+            time.sleep(0.3)  # the delete is waiting now
+
+    event.listen(engine, "before_cursor_execute", delete_meanwhile)
     try:
         response = client.patch(f"/books/{book['id']}", json={"price": "1.00"})
+        answered_at = time.monotonic()
     finally:
-        event.remove(engine, "before_cursor_execute", delete_first)
-        other.dispose()
-    assert_detail(response, 404, f"Book {book['id']} not found")
+        event.remove(engine, "before_cursor_execute", delete_meanwhile)
+    deleting.join(timeout=30)
+    other.dispose()
+    assert response.status_code == 200, response.text
+    assert response.json()["price"] == "1.00"
+    assert deleted_at[0] > answered_at - 0.1
     assert count(engine, Book) == 0
 
 
@@ -1361,27 +1410,33 @@ def test_a_retried_order_is_placed_once(client, engine):
     assert stock_of(engine, book["id"]) == 4
 
 
-def test_a_retry_that_loses_the_race_gets_the_winning_order(
-    client, engine, monkeypatch
-):
-    book = create_book(client)
-    headers = {"Idempotency-Key": "race"}
-    winner = place_order(client, (book["id"], 2), headers=headers).json()
-    find_keyed_order = main.find_keyed_order
-    lookups = []
-
-    def too_early_at_first(*args):
-        lookups.append(args)
-        return None if len(lookups) == 1 else find_keyed_order(*args)
-
-    # The retry looks for the key before the first request has committed it.
-    monkeypatch.setattr(main, "find_keyed_order", too_early_at_first)
-    retry = place_order(client, (book["id"], 2), headers=headers)
-    assert retry.status_code == 200
-    assert retry.json() == winner
-    assert len(lookups) == 2
+def test_a_retry_that_loses_the_race_gets_the_winning_order(database_url):
+    """The first request claims its key, then waits for a book that another
+    connection holds; its retry, sent meanwhile, finds no key yet, and waits at the
+    key's index until the first commits: then it answers with that order."""
+    engine = make_engine(database_url)
+    create_tables(engine)
+    app.dependency_overrides[get_session] = lambda: Session(
+        engine, expire_on_commit=False
+    )
+    try:
+        client = TestClient(app)  # outside `with`: each request on its own loop
+        book = create_book(client)
+        headers = {"Idempotency-Key": "race"}
+        holder = hold_book_lock(database_url, book["id"], 1.5)
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(place_order, client, (book["id"], 2), headers=headers)
+            time.sleep(0.5)
+            retry = pool.submit(place_order, client, (book["id"], 2), headers=headers)
+            first, retry = first.result(timeout=30), retry.result(timeout=30)
+        holder.join()
+    finally:
+        app.dependency_overrides.clear()
+    assert (first.status_code, retry.status_code) == (201, 200)
+    assert retry.json() == first.json()
     assert stock_of(engine, book["id"]) == 8
     assert count(engine, Order) == 1
+    engine.dispose()
 
 
 def test_an_idempotency_key_reused_for_another_request_is_422(client, engine):
@@ -1400,11 +1455,276 @@ def test_idempotency_keys_are_1_to_255_printable_ascii_characters(client, engine
     response = place_order(
         client, (book["id"], 1), headers={"Idempotency-Key": key.encode("utf-8")}
     )
-    assert error_locations(response) == [["header", "idempotency-key"]]
+    assert error_locations(response) == [["header", "Idempotency-Key"]]
     assert count(engine, Order) == 0
 
 
 # --- Hostile input --------------------------------------------------------------------
+
+
+# --- Conditional requests and safe retries ------------------------------------------
+# Every answer that carries a book, or its stock, carries the book's ETag: If-None-Match
+# makes a poll a 304, If-Match makes a stale change a 412, and an Idempotency-Key makes
+# a retried POST /books or restock a 200 without a second effect.
+
+
+def book_in_database(engine, book_id: int):
+    return fetch(engine, select(Book).where(Book.id == book_id))[0]
+
+
+def test_every_answer_with_a_book_or_its_stock_carries_its_etag(client):
+    created = client.post("/books", json=BOOK)
+    etag = created.headers["ETag"]
+    assert re.fullmatch(r'"[^"]+"', etag)  # strong: no W/
+    path = created.headers["Location"]
+    for response in (
+        client.get(path),
+        client.head(path),
+        client.get(f"{path}/stock"),
+        client.head(f"{path}/stock"),
+    ):
+        assert response.status_code == 200
+        assert response.headers["ETag"] == etag
+    patched = client.patch(path, json={"price": "9.99"})
+    put = client.put(path, json={"year": 1966})
+    restocked = client.post(f"{path}/stock", json={"delta": 1})
+    etags = [r.headers["ETag"] for r in (created, patched, put, restocked)]
+    assert len(set(etags)) == 4
+    assert client.get(path).headers["ETag"] == restocked.headers["ETag"]
+    assert "ETag" not in client.get("/books").headers
+
+
+def test_the_etag_changes_with_every_change_of_the_book(client, monkeypatch):
+    book = create_book(client)
+    path = f"/books/{book['id']}"
+    seen = [client.get(path).headers["ETag"]]
+
+    def changed_since(response) -> bool:
+        assert response.status_code in (200, 201), response.text
+        etag = client.get(path).headers["ETag"]
+        new = etag not in seen
+        seen.append(etag)
+        return new
+
+    assert changed_since(client.patch(path, json={"description": "A desert planet"}))
+    assert changed_since(client.post(f"{path}/stock", json={"delta": -1}))
+    order = place_order(client, (book["id"], 2))
+    assert changed_since(order)  # stock taken by an order
+    assert changed_since(client.delete(f"/orders/{order.json()['id']}"))  # given back
+    # A change that changes no field changes updated_at all the same.
+    assert changed_since(client.patch(path, json={}))
+    # Two changes within the same microsecond, or with a clock that stands still:
+    monkeypatch.setattr(main, "utcnow", lambda: datetime(2026, 1, 1, tzinfo=UTC))
+    assert changed_since(client.patch(path, json={"stock": 3}))
+    assert changed_since(client.patch(path, json={"stock": 4}))
+
+
+def test_a_deleted_books_id_is_never_given_to_another(client):
+    first = create_book(client)
+    last = create_book(client, title="Emma")
+    assert client.delete(f"/books/{last['id']}").status_code == 204
+    new = create_book(client, title="Persuasion")
+    assert new["id"] > last["id"] > first["id"]
+
+
+@pytest.mark.parametrize("suffix", ["", "/stock"])
+def test_if_none_match_naming_the_current_etag_is_304_without_a_body(client, suffix):
+    book = create_book(client)
+    path = f"/books/{book['id']}{suffix}"
+    etag = client.get(path).headers["ETag"]
+    for names in (etag, f'"x", {etag}', f"W/{etag}", "*", f' "x",W/{etag} '):
+        for method in (client.get, client.head):
+            response = method(path, headers={"If-None-Match": names})
+            assert response.status_code == 304, names
+            assert response.headers["ETag"] == etag
+            assert response.content == b""
+    for names in ('"x"', f"{etag[:-1]}x{etag[-1]}", etag.strip('"')):
+        response = client.get(path, headers={"If-None-Match": names})
+        assert response.status_code == 200, names
+        assert response.json()["stock"] == 10
+    client.post(f"/books/{book['id']}/stock", json={"delta": 1})
+    response = client.get(path, headers={"If-None-Match": etag})
+    assert response.status_code == 200
+    assert response.json()["stock"] == 11
+    assert response.headers["ETag"] != etag
+    missing = client.get(f"/books/999{suffix}", headers={"If-None-Match": "*"})
+    assert missing.status_code == 404
+
+
+def change_requests(book_id: int) -> list[tuple[str, str, dict | None]]:
+    """Every request that takes If-Match, each a change of the book."""
+    path = f"/books/{book_id}"
+    return [
+        ("PATCH", path, {"price": "9.99"}),
+        ("PUT", path, {"stock": 3}),
+        ("POST", f"{path}/stock", {"delta": 2}),
+        ("DELETE", path, None),
+    ]
+
+
+def test_if_match_that_names_another_etag_is_412_and_changes_nothing(client, engine):
+    book = create_book(client)
+    etag = client.get(f"/books/{book['id']}").headers["ETag"]
+    before = book_in_database(engine, book["id"])
+    for method, path, body in change_requests(book["id"]):
+        for names in ('"x"', f"W/{etag}", f'"x", W/{etag}', etag.strip('"')):
+            response = client.request(
+                method, path, json=body, headers={"If-Match": names}
+            )
+            assert response.status_code == 412, (method, names)
+            assert response.json() == {
+                "detail": f"Book {book['id']} has changed: its ETag is now {etag}"
+            }
+            assert response.headers["ETag"] == etag
+    assert book_in_database(engine, book["id"]) == before
+
+
+def test_if_match_that_names_the_current_etag_lets_the_change_through(client, engine):
+    book = create_book(client)
+    path = f"/books/{book['id']}"
+    for method, path, body in change_requests(book["id"]):
+        etag = client.get(path).headers["ETag"]
+        for names in ("{}", '"x", {}', "*"):
+            names = names.format(etag)
+            response = client.request(
+                method, path, json=body, headers={"If-Match": names}
+            )
+            assert response.status_code in (200, 204), (method, names)
+            if method != "DELETE":
+                etag = response.headers["ETag"]
+                assert etag == client.get(path).headers["ETag"]
+            else:
+                break
+    assert fetch(engine, select(Book)) == []
+
+
+def test_if_match_comes_after_404_and_422_and_before_409(client, engine):
+    book = create_book(client, stock=1)
+    place_order(client, (book["id"], 1))
+    stale = {"If-Match": '"stale"'}
+    path = f"/books/{book['id']}"
+    for method, _, body in change_requests(999):
+        response = client.request(method, _, json=body, headers={"If-Match": "*"})
+        assert response.status_code == 404, method
+    bad_bodies = [("PATCH", path, {"price": "free"}), ("POST", f"{path}/stock", {})]
+    for method, target, body in bad_bodies:
+        response = client.request(method, target, json=body, headers=stale)
+        assert response.status_code == 422, method
+    # A write-off below 0 and deleting a book in orders are 409s, but not first:
+    for method, target, body in [
+        ("POST", f"{path}/stock", {"delta": -5}),
+        ("DELETE", path, None),
+    ]:
+        response = client.request(method, target, json=body, headers=stale)
+        assert response.status_code == 412, method
+        response = client.request(method, target, json=body, headers={"If-Match": "*"})
+        assert response.status_code == 409, method
+    assert stock_of(engine, book["id"]) == 0
+
+
+def test_two_admins_the_second_with_a_stale_form_gets_412(client, engine):
+    book = create_book(client, price="10.99", stock=5)
+    path = f"/books/{book['id']}"
+    first_admin = client.get(path).headers["ETag"]
+    second_admin = client.get(path).headers["ETag"]
+    counted = client.patch(path, json={"stock": 7}, headers={"If-Match": first_admin})
+    assert counted.status_code == 200
+    stale_form = {"price": "12.99", "stock": 5}
+    refused = client.put(path, json=stale_form, headers={"If-Match": second_admin})
+    assert refused.status_code == 412
+    assert (stock_of(engine, book["id"]), client.get(path).json()["price"]) == (
+        7,
+        "10.99",
+    )
+    # The second admin reloads the form, and sends it again:
+    fresh = client.get(path)
+    corrected = client.put(
+        path,
+        json={"price": "12.99", "stock": fresh.json()["stock"]},
+        headers={"If-Match": fresh.headers["ETag"]},
+    )
+    assert corrected.status_code == 200
+    assert (corrected.json()["price"], corrected.json()["stock"]) == ("12.99", 7)
+
+
+def test_a_retried_create_makes_one_book(client, engine):
+    key = {"Idempotency-Key": "new-book-1"}
+    first = client.post("/books", json=BOOK, headers=key)
+    assert first.status_code == 201
+    retry = client.post("/books", json=BOOK, headers=key)
+    assert retry.status_code == 200
+    assert retry.json() == first.json()
+    assert retry.headers["ETag"] == first.headers["ETag"]
+    assert count(engine, Book) == 1
+    # The retry answers with the book as it is now.
+    path = first.headers["Location"]
+    client.patch(path, json={"stock": 4})
+    retry = client.post("/books", json=BOOK, headers=key)
+    assert (retry.status_code, retry.json()["stock"]) == (200, 4)
+    assert retry.headers["ETag"] == client.get(path).headers["ETag"]
+    # Another book with the same key is refused; without a key it is a second book.
+    other = client.post("/books", json=BOOK | {"title": "Emma"}, headers=key)
+    assert error_locations(other) == [["header", "Idempotency-Key"]]
+    assert client.post("/books", json=BOOK).status_code == 201
+    assert count(engine, Book) == 2
+    # A retry of a book deleted since finds it gone.
+    client.delete(path)
+    assert client.post("/books", json=BOOK, headers=key).status_code == 404
+
+
+def test_a_retried_restock_adds_its_copies_once(client, engine):
+    book = create_book(client, stock=5)
+    other = create_book(client, title="Emma")
+    path = f"/books/{book['id']}/stock"
+    key = {"Idempotency-Key": "restock-1"}
+    first = client.post(path, json={"delta": 10}, headers=key)
+    assert (first.status_code, first.json()["stock"]) == (200, 15)
+    retry = client.post(path, json={"delta": 10}, headers=key)
+    assert (retry.status_code, retry.json()) == (200, first.json())
+    assert retry.headers["ETag"] == first.headers["ETag"]
+    assert stock_of(engine, book["id"]) == 15
+    # The retry answers from its key first: its If-Match, stale now, is no 412.
+    stale = {"If-Match": client.get(f"/books/{book['id']}").headers["ETag"]}
+    assert client.post(path, json={"delta": 1}).status_code == 200
+    retry = client.post(path, json={"delta": 10}, headers=key | stale)
+    assert (retry.status_code, retry.json()["stock"]) == (200, 16)
+    # The same key for another change, or for another book's stock, is refused.
+    for target, delta in [(path, 11), (f"/books/{other['id']}/stock", 10)]:
+        response = client.post(target, json={"delta": delta}, headers=key)
+        assert error_locations(response) == [["header", "Idempotency-Key"]]
+    assert (stock_of(engine, book["id"]), stock_of(engine, other["id"])) == (16, 10)
+
+
+def test_a_refused_request_does_not_keep_its_key(client, engine):
+    book = create_book(client, stock=1)
+    key = {"Idempotency-Key": "too-many"}
+    path = f"/books/{book['id']}/stock"
+    assert client.post(path, json={"delta": -2}, headers=key).status_code == 409
+    assert (
+        client.post("/books/999/stock", json={"delta": 1}, headers=key).status_code
+        == 404
+    )
+    assert client.post(path, json={"delta": -1}, headers=key).status_code == 200
+    assert stock_of(engine, book["id"]) == 0
+    isbn = {"isbn": "978-0-441-17271-9"}
+    create_book(client, **isbn)
+    assert client.post("/books", json=BOOK | isbn, headers=key).status_code == 409
+    assert client.post("/books", json=BOOK, headers=key).status_code == 201
+
+
+def test_keys_belong_to_their_route(client, engine):
+    book = create_book(client)
+    key = {"Idempotency-Key": "shared"}
+    restock = client.post(f"/books/{book['id']}/stock", json={"delta": 2}, headers=key)
+    assert restock.status_code == 200
+    assert place_order(client, (book["id"], 1), headers=key).status_code == 201
+    assert (
+        client.post("/books", json=BOOK | {"title": "Emma"}, headers=key).status_code
+        == 201
+    )
+    assert stock_of(engine, book["id"]) == 11
+    assert count(engine, Order) == 1
+    assert count(engine, Book) == 2
 
 
 def snapshot(engine) -> list:
@@ -1732,17 +2052,19 @@ def test_start_up_gives_up_when_the_database_stays_unusable(engine, monkeypatch)
 def test_start_up_brings_a_database_made_before_this_version_up_to_it(
     database_url, monkeypatch
 ):
-    """What this version added to the tables (a column, indexes, the folded text
-    of titles and authors and the search index over it) is added at start-up to a
-    database made without it, keeping every row: no query names what is missing."""
+    """What this version added to the tables (indexes, the folded text of titles
+    and authors and the search index over it, the books' versions, the table of
+    Idempotency-Keys) is added at start-up to a database made without it, keeping
+    every row: each book is served with an ETag, each order keeps its key."""
     engine = make_engine(database_url)
     create_tables(engine)
-    with Session(engine) as session:
-        book = Book(title="İstanbul Hatırası", author="Orhan Pamuk", year=1999,
-                    price=Decimal("9.50"), stock=3)  # fmt: skip
-        session.add(book)
-        session.commit()
-        book_id = book.id
+    app.dependency_overrides[get_session] = lambda: Session(
+        engine, expire_on_commit=False
+    )
+    client = TestClient(app)  # outside `with`: no start-up yet
+    book_id = create_book(client, title="İstanbul Hatırası", author="Orhan Pamuk")["id"]
+    key = {"Idempotency-Key": "before-the-upgrade"}
+    order = place_order(client, (book_id, 1), headers=key).json()
     added = {"ix_book_id", "book_title_folded_id", "book_author_folded_id"}
     quote = engine.dialect.identifier_preparer.quote
     with engine.begin() as connection:  # undo what this version added
@@ -1752,29 +2074,56 @@ def test_start_up_brings_a_database_made_before_this_version_up_to_it(
         for index in Book.__table__.indexes:
             if index.name in added:
                 index.drop(connection)
-        for table, column in [
-            ("book", "title_folded"),
-            ("book", "author_folded"),
-            ("order", "request_hash"),
-        ]:
+        for column in ("title_folded", "author_folded", "version"):
+            connection.exec_driver_sql(f"ALTER TABLE book DROP COLUMN {column}")
+        # Orders kept their own key (unique) and the hash of their request.
+        for column in ("idempotency_key VARCHAR(255)", "request_hash VARCHAR(64)"):
             connection.exec_driver_sql(
-                f"ALTER TABLE {quote(table)} DROP COLUMN {quote(column)}"
+                f"ALTER TABLE {quote('order')} ADD COLUMN {column}"
             )
+        connection.exec_driver_sql(
+            f"CREATE UNIQUE INDEX ix_order_idempotency_key ON {quote('order')}"
+            " (idempotency_key)"
+        )
+        earlier_key = sqlalchemy.table(
+            "order",
+            sqlalchemy.column("idempotency_key"),
+            sqlalchemy.column("request_hash"),
+        )
+        connection.execute(
+            earlier_key.update().values(
+                idempotency_key="before-the-upgrade",
+                request_hash=select(main.KeyedRequest.request_hash).scalar_subquery(),
+            )
+        )
+        connection.exec_driver_sql("DROP TABLE keyed_request")
     monkeypatch.setattr(main, "engine", engine)
     with TestClient(app) as client:  # the lifespan brings the tables up to date
-        app.dependency_overrides[get_session] = lambda: Session(
-            engine, expire_on_commit=False
-        )
         for params in ({}, {"q": "hatıra"}, {"q": "ıra"}, {"sort": "-title"}):
             assert titles(client.get("/books", params=params)) == ["İstanbul Hatırası"]
-        key = {"Idempotency-Key": "after-the-upgrade"}
-        assert place_order(client, (book_id, 1), headers=key).status_code == 201
-        assert place_order(client, (book_id, 1), headers=key).status_code == 200
-        app.dependency_overrides.clear()
+        retry = place_order(client, (book_id, 1), headers=key)
+        assert (retry.status_code, retry.json()) == (200, order)
+        etag = client.get(f"/books/{book_id}").headers["ETag"]
+        changed = client.patch(
+            f"/books/{book_id}", json={"stock": 5}, headers={"If-Match": etag}
+        )
+        assert changed.status_code == 200
+        assert changed.headers["ETag"] != etag
+        after = {"Idempotency-Key": "after-the-upgrade"}
+        assert place_order(client, (book_id, 1), headers=after).status_code == 201
+        assert place_order(client, (book_id, 1), headers=after).status_code == 200
+    app.dependency_overrides.clear()
     inspector = sqlalchemy.inspect(engine)
     assert added <= {index["name"] for index in inspector.get_indexes("book")}
-    assert "request_hash" in {c["name"] for c in inspector.get_columns("order")}
-    assert stock_of(engine, book_id) == 2
+    assert "version" in {c["name"] for c in inspector.get_columns("book")}
+    assert stock_of(engine, book_id) == 4
+    assert count(engine, Order) == 2
+    assert count(engine, main.KeyedRequest) == 2
+    with TestClient(app):  # a second start copies no key twice
+        pass
+    assert count(engine, main.KeyedRequest) == 2
+    SQLModel.metadata.drop_all(engine)  # whole tables again, for the next tests
+    create_tables(engine)
     engine.dispose()
 
 
@@ -1984,8 +2333,9 @@ def test_start_together_on_a_fresh_database(database_url, tmp_path):
     assert "Traceback" not in (tmp_path / "service.log").read_text()
 
 
-# The first version, and the last before start-up brought older databases up to date.
-EARLIER_VERSIONS = ["e4228bd", "f6b9bda"]
+# The first version, the last before start-up brought older databases up to date,
+# and the last before ETags and the table of Idempotency-Keys.
+EARLIER_VERSIONS = ["e4228bd", "f6b9bda", "b8fdb5a"]
 
 
 @pytest.mark.parametrize("commit", EARLIER_VERSIONS)
@@ -1994,7 +2344,8 @@ def test_a_database_made_by_an_earlier_version_is_served_whole(
 ):
     """The earlier version, run from its own main.py, makes the tables and fills
     them; this version, started on them, serves every book and order as they were
-    and every route, searches and sorted pages included."""
+    and every route, searches and sorted pages included, each book with its ETag,
+    each order with its key."""
     if not database_url.startswith("sqlite"):
         engine = make_engine(database_url)
         SQLModel.metadata.drop_all(engine)
@@ -2034,8 +2385,14 @@ def test_a_database_made_by_an_earlier_version_is_served_whole(
         retry = http.post("/orders", json=order, headers=key)
         assert (retry.status_code, retry.json()) == (200, placed)
         assert http.post("/orders", json=order).status_code == 201
-        changed = http.patch(f"/books/{books[0]['id']}", json={"title": "Kar"})
+        etag = http.get(f"/books/{books[0]['id']}").headers["ETag"]
+        changed = http.patch(
+            f"/books/{books[0]['id']}",
+            json={"title": "Kar"},
+            headers={"If-Match": etag},
+        )
         assert changed.status_code == 200
+        assert changed.headers["ETag"] != etag
         assert http.get("/books", params={"q": "KAR"}).json() == [changed.json()]
         assert http.get(f"/books/{books[1]['id']}/stock").json()["stock"] == 0
     assert "Traceback" not in (tmp_path / "service.log").read_text()
@@ -2413,6 +2770,70 @@ def test_a_lock_held_past_the_lock_timeout_is_retried(database_url, tmp_path):
         assert response.status_code == 503, response.text
         assert seconds < 3.5
         assert http.get(f"/books/{book['id']}/stock").json()["stock"] == 15
+
+
+def test_workers_let_one_of_20_patches_with_one_if_match_through(shop):
+    """20 admins send a change from the same version of the book at once, to two
+    worker processes: one change is made, 19 are told 412."""
+    http, book = shop
+    path = f"/books/{book['id']}"
+    etag = http.get(path).headers["ETag"]
+    calls = [
+        lambda stock=stock: http.patch(
+            path, json={"stock": stock}, headers={"If-Match": etag}
+        )
+        for stock in range(100, 120)
+    ]
+    answers = run_concurrently(calls, threads=20)
+    statuses = sorted(response.status_code for response in answers)
+    assert statuses == [200] + [412] * 19, statuses
+    winner = next(response for response in answers if response.status_code == 200)
+    after = http.get(path)
+    assert after.json()["stock"] == winner.json()["stock"]
+    assert after.headers["ETag"] == winner.headers["ETag"] != etag
+    print(f"20 PATCHes with one If-Match: {statuses.count(200)} x 200, "
+          f"{statuses.count(412)} x 412")  # fmt: skip
+
+
+def test_workers_carry_out_20_keyed_retries_once(shop):
+    http, book = shop
+    path = f"/books/{book['id']}/stock"
+    key = {"Idempotency-Key": "restock-after-a-timeout"}
+    answers = run_concurrently(
+        [lambda: http.post(path, json={"delta": 10}, headers=key)] * 20, threads=20
+    )
+    statuses = [response.status_code for response in answers]
+    assert statuses == [200] * 20, statuses
+    assert {response.json()["stock"] for response in answers} == {60}
+    assert http.get(path).json()["stock"] == 60
+    created = run_concurrently(
+        [lambda: http.post("/books", json=BOOK, headers=key)] * 20, threads=20
+    )
+    statuses = sorted(response.status_code for response in created)
+    assert statuses == [200] * 19 + [201], statuses
+    assert len({response.json()["id"] for response in created}) == 1
+    assert len(http.get("/books").json()) == 2
+    print("20 restocks of 10 with one key: stock 50 -> 60; 20 creates: 1 book")
+
+
+def test_workers_refuse_a_patch_whose_book_an_order_changed(shop):
+    """An order, placed between an admin's GET and PATCH, takes a copy: the PATCH
+    with the ETag of the GET is a 412, and the copy stays taken."""
+    http, book = shop
+    path = f"/books/{book['id']}"
+    statuses = []
+    for round_ in range(10):
+        etag = http.get(path).headers["ETag"]
+        order = {
+            "customer": "ada@example.com",
+            "items": [{"book_id": book["id"], "quantity": 1}],
+        }
+        assert http.post("/orders", json=order).status_code == 201
+        patch = http.patch(path, json={"stock": 50}, headers={"If-Match": etag})
+        statuses.append(patch.status_code)
+        assert http.get(path).json()["stock"] == 49 - round_
+    assert statuses == [412] * 10
+    print(f"PATCH after an order: {statuses.count(412)} of 10 x 412")
 
 
 def test_admins_colliding_on_one_book_get_only_2xx_404_or_409(shop):
