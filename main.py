@@ -1546,12 +1546,10 @@ def create_tables(connection: Connection) -> None:
     SQLModel.metadata.create_all(connection)
     inspector = inspect(connection)
     dialect = connection.dialect
-    columns = {}
+    quote = dialect.identifier_preparer
     for table in SQLModel.metadata.sorted_tables:
-        columns[table.name] = {
-            info["name"] for info in inspector.get_columns(table.name)
-        }
-        for missing in [c for c in table.columns if c.name not in columns[table.name]]:
+        present = {info["name"] for info in inspector.get_columns(table.name)}
+        for missing in [c for c in table.columns if c.name not in present]:
             # Rows need a value of it: from its default (a book's version is 1).
             if missing.unique or not (missing.nullable or missing.server_default):
                 problem = (
@@ -1561,14 +1559,15 @@ def create_tables(connection: Connection) -> None:
                 log.critical(problem)
                 raise RuntimeError(problem)
             connection.exec_driver_sql(
-                f"ALTER TABLE {dialect.identifier_preparer.format_table(table)}"
+                f"ALTER TABLE {quote.format_table(table)}"
                 f" ADD COLUMN {CreateColumn(missing).compile(dialect=dialect)}"
             )
         indexes = {index["name"] for index in inspector.get_indexes(table.name)}
         for index in table.indexes:
             if index.name not in indexes:
                 index.create(connection)
-    if "idempotency_key" in columns["order"]:  # where earlier versions kept them
+    order_columns = {info["name"] for info in inspector.get_columns("order")}
+    if "idempotency_key" in order_columns:  # where earlier versions kept them
         connection.execute(COPY_ORDER_KEYS)
     unfolded = select(Book.id, Book.title, Book.author).where(
         col(Book.title_folded).is_(None)
@@ -1722,11 +1721,13 @@ BOOK_BY_ID = select(Book).where(col(Book.id) == bindparam("id"))
 # The book's row, locked until the commit (lock_book). MariaDB's UPDATEs of a book
 # go through its index of ids, then its row: a lock taken through the primary key
 # first, as MariaDB would, is taken in the other order, and two requests deadlock.
-BOOK_FOR_UPDATE = select(Book).where(col(Book.id) == bindparam("id")).with_for_update()
-for dialect in ("mysql", "mariadb"):
-    BOOK_FOR_UPDATE = BOOK_FOR_UPDATE.with_hint(
-        Book, "FORCE INDEX (ix_book_id)", dialect
-    )
+BOOK_FOR_UPDATE = (
+    select(Book)
+    .where(col(Book.id) == bindparam("id"))
+    .with_for_update()
+    .with_hint(Book, "FORCE INDEX (ix_book_id)", "mysql")
+    .with_hint(Book, "FORCE INDEX (ix_book_id)", "mariadb")
+)
 
 
 def like_pattern(text: str) -> str:
