@@ -717,12 +717,14 @@ NOT_MODIFIED = {
 # makes a retry safe. Endpoints read them from the request, and routes declare them
 # in the schema (reads): as Header parameters, FastAPI would check each of them on
 # every request, 20 µs apiece, 6% of a GET /books/{id} (measured A/B).
+# An Idempotency-Key: 1 to 255 printable ASCII characters (checked in claim_key).
+KEY_PATTERN = r"^[\x20-\x7e]{1,255}$"
 REQUEST_HEADERS: dict[str, dict[str, Any]] = {
     "If-Match": {"description": "ETags, or *: unless the book's is one of them, 412"},
     "If-None-Match": {"description": "ETags, or *: if the book's is one, 304"},
     "Idempotency-Key": {
         "description": "A retry with the same key gets the first one's result back",
-        "schema": {"type": "string", "maxLength": 255, "pattern": r"^[\x20-\x7e]+$"},
+        "schema": {"type": "string", "pattern": KEY_PATTERN},
     },
 }
 
@@ -1057,7 +1059,7 @@ def claim_key(
     key = request.headers.get("Idempotency-Key")
     if key is None:
         return None
-    if not re.fullmatch(r"[\x20-\x7e]{1,255}", key):
+    if not re.fullmatch(KEY_PATTERN, key):
         raise idempotency_key_error("must be 1 to 255 printable ASCII characters")
     request_hash = hashlib.sha256(content.encode()).hexdigest()
     while True:
