@@ -840,7 +840,7 @@ def check_health(session: SessionDep) -> HealthStatus:
     "",
     status_code=201,
     response_model=BookPublic,
-    responses=answers(400, 401, 409, 413)
+    responses=answers(400, 401, 404, 409, 413)
     | {201: {"headers": LOCATION | ETAG}}
     | {200: {"model": BookPublic, "description": "A retry", "headers": ETAG}},
     dependencies=[ADMIN],
