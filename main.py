@@ -19,9 +19,9 @@ import os
 import random
 import re
 import secrets
+import signal
 import socket
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
@@ -74,7 +74,6 @@ from sqlalchemy import (
     exists,
     insert,
     inspect,
-    literal,
 )
 from sqlalchemy import table as sql_table
 from sqlalchemy import text as sql_text
@@ -88,7 +87,7 @@ from sqlalchemy.exc import (
     ProgrammingError,
     SQLAlchemyError,
 )
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.pool import NullPool, StaticPool
 from sqlalchemy.schema import CreateColumn
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.types import TypeDecorator, TypeEngine
@@ -114,6 +113,14 @@ log = logging.getLogger("uvicorn.error")
 DATABASE_URL = os.environ.get("DATABASE_URL", "sqlite:///./bookstore.db")
 SQL_ECHO = os.environ.get("SQL_ECHO", "").lower() in ("1", "true", "yes", "on")
 ADMIN_TOKEN = os.environ.get("BOOKSTORE_ADMIN_TOKEN") or None
+# A bearer token travels in a header: visible ASCII only. A trailing newline from
+# a secret file would make every admin request a 401.
+if ADMIN_TOKEN is not None and not re.fullmatch(r"[\x21-\x7e]+", ADMIN_TOKEN):
+    log.critical(
+        "BOOKSTORE_ADMIN_TOKEN must be visible ASCII characters, without spaces or"
+        " a trailing newline: no client could send it"
+    )
+    raise SystemExit(3)
 # Seconds a request may wait for the database in all (connecting, locks, statements).
 try:
     DB_TIMEOUT = float(os.environ.get("DB_TIMEOUT", "10"))
@@ -123,10 +130,11 @@ if not 0 < DB_TIMEOUT < float("inf"):  # nan compares false too
     value = os.environ["DB_TIMEOUT"]
     log.critical("DB_TIMEOUT must be a positive number of seconds, not %r", value)
     raise SystemExit(3)  # uvicorn's "failed to start": its other workers stop too
-# A transaction that meets a transient conflict runs again, this many times at most.
-# A lock is waited for a third of DB_TIMEOUT, so that a second run still fits in it.
-MAX_ATTEMPTS = 3
-LOCK_TIMEOUT = DB_TIMEOUT / MAX_ATTEMPTS
+# A lock is waited for briefly: a transaction that does not get it gives its thread
+# back, and runs again after a pause, until DB_TIMEOUT. A commit still under way at
+# DB_TIMEOUT is waited for a third of it more, so that its client learns the outcome.
+LOCK_WAIT = 0.1
+COMMIT_GRACE = DB_TIMEOUT / 3
 
 MAX_ID = 2_147_483_647  # the largest key that every database's INTEGER holds
 MAX_STOCK = 1_000_000_000
@@ -138,7 +146,8 @@ BODY_TIMEOUT = 30
 # A 422 lists the first errors only: 100,000 unknown keys are not 100,000 errors.
 MAX_ERRORS = 20
 # Requests hold a worker thread only while they talk to the database (see
-# in_transaction): a few threads are enough, and each keeps its own SQLite page cache.
+# in_transaction): a few threads for reads and as many for writes are enough, and
+# each keeps its own SQLite page cache.
 WORKER_THREADS = 8
 
 T = TypeVar("T")
@@ -564,13 +573,25 @@ class KeyedRequest(SQLModel, table=True):
     changed: a retry with the same key is answered with that, as it is now."""
 
     __tablename__ = "keyed_request"
-    __table_args__ = MYSQL_UTF8
+    __table_args__ = (Index("keyed_request_result_id", "result_id"), MYSQL_UTF8)
     # A key belongs to its route: the same key on an order and on a restock is two.
     route: str = Field(primary_key=True, max_length=20)
     key: str = Field(primary_key=True, sa_type=ExactText(255))
     request_hash: str = Field(max_length=64)
     result_id: int | None = None
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+# Keys whose book has been deleted keep its id negated: see delete_book.
+BOOK_ROUTES = ("create_book", "change_stock")
+FORGET_BOOK_KEYS = (
+    update(KeyedRequest)
+    .where(
+        col(KeyedRequest.route).in_(BOOK_ROUTES),
+        col(KeyedRequest.result_id) == bindparam("book_id"),
+    )
+    .values(result_id=-col(KeyedRequest.result_id))
+)
 
 
 class Message(SQLModel):
@@ -632,17 +653,7 @@ SessionDep = Annotated[Session, Depends(get_session)]
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    # Workers that start together race to create the same tables: the loser's
-    # CREATE fails, and its next attempt finds the tables in place.
-    for attempt in range(5):
-        try:
-            with engine.begin() as connection:
-                create_tables(connection)
-            break
-        except SQLAlchemyError:
-            if attempt == 4:
-                raise
-            await asyncio.sleep(0.5)
+    await start_up()  # the tables, made or brought up to date
     if ADMIN_TOKEN is None:
         log.warning(
             "BOOKSTORE_ADMIN_TOKEN is not set: anyone may change the catalogue "
@@ -742,10 +753,15 @@ def reads(*names: str) -> dict[str, Any]:
 
 def answers(*status_codes: int) -> dict[int | str, dict[str, Any]]:
     """The OpenAPI entries of a route that uses the database: its error answers,
-    each {"detail": "..."}, and 503 when the database is unavailable."""
+    each {"detail": "..."}, and 503 when the database is unavailable. A route that
+    reads a body (413) answers 408 too, and a 412 names the book's ETag."""
+    if 413 in status_codes:
+        status_codes += (408,)
     entries: dict[int | str, dict[str, Any]] = {
         code: {"model": Message} for code in status_codes
     }
+    if 412 in entries:
+        entries[412]["headers"] = ETAG
     entries[503] = {
         "model": Message,
         "headers": {"Retry-After": header("Seconds to wait", "integer")},
@@ -973,6 +989,9 @@ def delete_book(book_id: PathId, session: SessionDep, request: Request) -> None:
         raise HTTPException(
             409, f"Book {book_id} is in orders and cannot be deleted"
         ) from None
+    # A retry of the request that made or restocked it is a 404 from now on, even
+    # where a new book gets its id (SQLite files made before AUTOINCREMENT).
+    session.exec(FORGET_BOOK_KEYS, params={"book_id": book_id})
 
 
 def book_not_found(book_id: int) -> HTTPException:
@@ -999,7 +1018,7 @@ def lock_book(session: Session, book_id: int, request: Request) -> Book:
     if book is None:
         raise book_not_found(book_id)
     current = etag(book)
-    if_match = request.headers.get("If-Match")
+    if_match = header_list(request, "If-Match")
     if if_match is not None and not names_etag(if_match, current, weak=False):
         raise HTTPException(
             412,
@@ -1036,13 +1055,20 @@ def names_etag(header: str, current: str, weak: bool) -> bool:
     return "*" in tags or current in tags
 
 
+def header_list(request: Request, name: str) -> str | None:
+    """A list header, however many lines it came in: one comma-separated list
+    (RFC 9110 section 5.3)."""
+    lines = request.headers.getlist(name)
+    return ", ".join(lines) if lines else None
+
+
 def send_etag(
     response: Response, book: BookOrRow, request: Request | None = None
 ) -> BookOrRow:
     """Answer with the book's ETag; or, when the request's If-None-Match names it,
     with 304 Not Modified and no body: the client has this version already."""
     response.headers["ETag"] = current = etag(book)
-    if_none_match = request.headers.get("If-None-Match") if request else None
+    if_none_match = header_list(request, "If-None-Match") if request else None
     if if_none_match is not None and names_etag(if_none_match, current, weak=True):
         raise HTTPException(304, headers={"ETag": current})
     return book
@@ -1055,10 +1081,13 @@ def claim_key(
     find the request that claimed it first: its result_id, set, is what a retry
     is answered with. `content`: what makes two requests the same. A key that is
     not 1 to 255 printable ASCII characters, or that came with other content, is
-    a 422."""
-    key = request.headers.get("Idempotency-Key")
-    if key is None:
+    a 422; so are two keys. A key whose book has been deleted since is a 404."""
+    keys = request.headers.getlist("Idempotency-Key")
+    if not keys:
         return None
+    if len(keys) > 1:
+        raise idempotency_key_error("must be sent once")
+    key = keys[0]
     if not re.fullmatch(KEY_PATTERN, key):
         raise idempotency_key_error("must be 1 to 255 printable ASCII characters")
     request_hash = hashlib.sha256(content.encode()).hexdigest()
@@ -1067,6 +1096,8 @@ def claim_key(
         if claimed is not None:
             if claimed.request_hash != request_hash:
                 raise idempotency_key_error("was used with a different request")
+            if claimed.result_id is not None and claimed.result_id < 0:
+                raise book_not_found(-claimed.result_id)  # see delete_book
             return claimed
         claim = KeyedRequest(route=route, key=key, request_hash=request_hash)
         session.add(claim)
@@ -1327,9 +1358,12 @@ for router in ROUTERS:
 # --- What keeps it running: the unit of work ---------------------------------------
 
 
-# The threads that talk to the database: asyncio's own executor, which is lighter
-# per call than FastAPI's run_in_threadpool, at one call per request.
-database_threads = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="database")
+# The threads that talk to the database: asyncio's own executors, which are lighter
+# per call than FastAPI's run_in_threadpool, at one call per request. Reads and
+# writes have threads of their own: writes waiting for a book that another
+# transaction holds never take a thread that a read needs.
+reader_threads = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="reader")
+writer_threads = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="writer")
 # SQLite lets one transaction write at a time. This process's writes to SQLite run
 # one after another in a thread of their own, where they queue without holding a
 # thread, instead of sleeping in SQLite's busy handler. An in-memory database is
@@ -1343,7 +1377,17 @@ TRANSIENT_ERRORS = {"SQLITE_BUSY", "40001", "40P01", "55P03", 1205, 1213}
 
 
 class DatabaseUnavailable(Exception):
-    """The database failed, or gave no answer in time: the client gets a 503."""
+    """The database failed, or gave no answer in time: the client gets a 503.
+    `after_commit`: the commit was sent and no answer came back, so nobody knows
+    whether it was made."""
+
+    def __init__(self, cause: object, after_commit: bool = False):
+        super().__init__(cause)
+        self.after_commit = after_commit
+
+
+class Conflict(Exception):
+    """A transient conflict: the transaction is run again, from the start."""
 
 
 def is_transient(error: DBAPIError) -> bool:
@@ -1353,86 +1397,102 @@ def is_transient(error: DBAPIError) -> bool:
     return not TRANSIENT_ERRORS.isdisjoint(codes | set(orig.args[:1] if orig else ()))
 
 
-def run_transaction(
-    session: Session,
-    endpoint: Callable[..., T],
-    kwargs: dict[str, Any],
-    verdict: threading.Lock,
-) -> T:
-    """Run endpoint(**kwargs) and commit, as one transaction, in a worker thread.
+class UnitOfWork:
+    """What a request's transaction shares between the worker thread that runs an
+    attempt at it and the event loop that answers its client within DB_TIMEOUT.
 
-    A transient conflict, or a connection found dead before the commit, rolls the
-    transaction back and runs it again after a short random pause, a few times at
-    most, as if for the first time: the headers and status an attempt set are
-    forgotten. Any other failure of the database is a 503.
-
-    `verdict` is taken by the commit or by a 503 at DB_TIMEOUT (in_transaction),
-    whichever comes first: a client told 503 never has its work committed, and a
-    unit whose client was answered while it waited for a thread starts nothing.
+    Its lock orders the two: an attempt starts and commits only while the client
+    has not been answered, and the event loop answers 503 only while no commit is
+    under way (or once it has waited for it in vain). The socket of the attempt's
+    connection is kept as a duplicate, which always names that connection, and is
+    forgotten before the connection goes back to the pool.
     """
-    responses = [
-        (response, response.status_code, list(response.raw_headers))
-        for response in kwargs.values()
-        if isinstance(response, Response)
-    ]
-    attempt = 0
-    with session:
-        while True:
-            attempt += 1
-            committing = False
-            try:
-                if not verdict.locked():
+
+    def __init__(self, session: Session, write: bool):
+        self.session = session
+        self.engine = session.get_bind().engine
+        self.write = write
+        self.lock = threading.Lock()
+        self.answered = False  # the client has its 503: start nothing, commit nothing
+        self.committing = False
+        self.socket: socket.socket | None = None
+
+    def attempt(self, endpoint: Callable[..., T], kwargs: dict[str, Any]) -> T:
+        """Run endpoint(**kwargs) and commit, on a connection of this attempt's own,
+        in a worker thread. Every way the transaction ends, the rollback and the
+        connection's return included, is inside the mapping of errors below."""
+        with self.lock:
+            if self.answered:  # waited for a thread past its deadline: touch nothing
+                raise DatabaseUnavailable(f"no answer within {DB_TIMEOUT} s")
+        session = self.session
+        dialect = self.engine.dialect.name
+        committing = False
+        try:
+            with self.engine.connect() as connection:
+                self.watch(connection)
+                try:
+                    if not self.write:  # a page and its count see one state
+                        connection.execution_options(**SNAPSHOT_READS.get(dialect, {}))
+                    session.bind = connection
                     result = endpoint(**kwargs)
-                if not verdict.acquire(blocking=False):
-                    raise DatabaseUnavailable(f"no answer within {DB_TIMEOUT} s")
-                committing = True
-                session.commit()
-                return result
-            except (OperationalError, InterfaceError) as error:
-                session.rollback()
-                if committing:
-                    verdict.release()  # not committed: the verdict is open again
-                retry = is_transient(error) or (
-                    error.connection_invalidated and not committing
-                )
-                if not retry or attempt == MAX_ATTEMPTS:
-                    raise DatabaseUnavailable(error.orig) from None
-                time.sleep(random.uniform(0, 0.05 * attempt))  # noqa: S311 (jitter)
-                for response, status_code, headers in responses:
-                    response.status_code = status_code
-                    response.raw_headers[:] = headers  # response.headers reads these
-            finally:
-                session.info.pop("fileno", None)  # the connection is no longer ours
+                    with self.lock:
+                        if self.answered:
+                            raise DatabaseUnavailable(
+                                f"no answer within {DB_TIMEOUT} s"
+                            )
+                        # A read has nothing to lose: its commit ends it.
+                        self.committing = committing = self.write
+                    session.commit()
+                    return result
+                except BaseException:
+                    with self.lock:
+                        self.committing = False
+                    roll_back(session)
+                    raise
+                finally:
+                    session.close()
+                    self.forget()  # before the connection goes back to the pool
+        except (OperationalError, InterfaceError) as error:
+            # A connection found dead before the commit: run again on a new one. One
+            # lost during the commit leaves nobody knowing whether it was made.
+            lost = error.connection_invalidated
+            if is_transient(error) or (lost and not committing):
+                raise Conflict from None
+            raise DatabaseUnavailable(error.orig, committing and lost) from None
+
+    def watch(self, connection: Connection) -> None:
+        """Keep a duplicate of a psycopg connection's socket, for cut_off."""
+        dbapi_connection: Any = connection.connection.dbapi_connection
+        if hasattr(dbapi_connection, "fileno"):
+            duplicate = socket.socket(fileno=os.dup(dbapi_connection.fileno()))
+            with self.lock:
+                self.socket = duplicate
+
+    def forget(self) -> None:
+        with self.lock:
+            duplicate, self.socket = self.socket, None
+        if duplicate is not None:
+            duplicate.close()
+
+    def cut_off(self) -> None:
+        """Shut the socket of an attempt that has outlived DB_TIMEOUT.
+
+        Its blocked call then fails, and the pool discards the connection. PyMySQL has
+        read_timeout for this, and SQLite no socket; psycopg has no client-side timeout,
+        and would wait forever for a database behind a network partition.
+        """
+        with self.lock, suppress(OSError):
+            if self.socket is not None:
+                self.socket.shutdown(socket.SHUT_RDWR)
 
 
-@event.listens_for(Session, "after_begin")
-def note_socket(session: Session, _: Any, connection: Connection) -> None:
-    """Note the socket of the connection a transaction begins on, for cut_off."""
-    dbapi_connection: Any = connection.connection.dbapi_connection
-    if hasattr(dbapi_connection, "fileno"):  # psycopg's
-        session.info["fileno"] = dbapi_connection.fileno()
-
-
-@event.listens_for(Session, "after_begin")
-def lock_sqlite_for_writing(session: Session, _: Any, connection: Connection) -> None:
-    """Begin a unit that writes to SQLite by taking the write lock. SQLite's driver
-    would begin it at its first write, after its reads: another process could
-    change what it read in between, and a book checked for its ETag (lock_book)
-    would no longer be the book it changes."""
-    if session.info.get("write") and connection.dialect.name == "sqlite":
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
-
-
-def cut_off(session: Session) -> None:
-    """Shut the socket of a transaction that has outlived DB_TIMEOUT.
-
-    Its blocked call then fails, and the pool discards the connection. PyMySQL has
-    read_timeout for this, and SQLite no socket; psycopg has no client-side timeout,
-    and would wait forever for a database behind a network partition.
-    """
-    if fileno := session.info.get("fileno"):
-        with suppress(OSError), socket.socket(fileno=os.dup(fileno)) as sock:
-            sock.shutdown(socket.SHUT_RDWR)
+def roll_back(session: Session) -> None:
+    """Roll back; a connection that fails at it is discarded instead, since a
+    transaction that was never committed has changed nothing either way."""
+    try:
+        session.rollback()
+    except SQLAlchemyError:
+        session.invalidate()
 
 
 async def in_transaction(
@@ -1440,49 +1500,88 @@ async def in_transaction(
 ) -> T:
     """Run endpoint(**kwargs) in a worker thread, as one transaction: see transaction.
 
-    One hop to a thread per request: validation and JSON stay in the event loop,
-    where they cost no hop. The answer comes within DB_TIMEOUT whatever the
-    database does: a unit still running then (connecting, or waiting for a thread)
-    is left to fail on its own, and can no longer commit. One already committing is
-    waited for a third of DB_TIMEOUT more, so that its client learns what happened;
-    past that, a database that does not answer its commit leaves nobody knowing.
+    One hop to a thread per attempt: validation and JSON stay in the event loop,
+    where they cost no hop. A transient conflict gives its thread back and runs
+    again after a short random pause, as if for the first time: the headers and
+    status an attempt set are forgotten. The answer comes within DB_TIMEOUT,
+    whatever the database does: an attempt still running then (connecting, or
+    waiting for a thread) is left to fail on its own, and can no longer commit. One
+    already committing is waited for a third of DB_TIMEOUT more, so that its client
+    learns what happened; past that, nobody knows, and the 503 says so.
     """
-    session: Session = kwargs["session"]
-    session.info["write"] = write
-    bind = session.get_bind().engine
-    one_thread = bind.dialect.name == "sqlite" and (
-        write or isinstance(bind.pool, StaticPool)
-    )
-    threads = sqlite_writer if one_thread else database_threads
+    unit = UnitOfWork(kwargs["session"], write)
+    dialect = unit.engine.dialect.name
+    if dialect == "sqlite" and (write or isinstance(unit.engine.pool, StaticPool)):
+        threads = sqlite_writer
+    else:
+        threads = writer_threads if write else reader_threads
+    responses = [
+        (response, response.status_code, list(response.raw_headers))
+        for response in kwargs.values()
+        if isinstance(response, Response)
+    ]
     loop = asyncio.get_running_loop()
-    verdict = threading.Lock()
-    unit = loop.run_in_executor(
-        threads, run_transaction, session, endpoint, kwargs, verdict
-    )
+    attempts = 0
     try:
-        return await asyncio.wait_for(asyncio.shield(unit), DB_TIMEOUT)
+        async with asyncio.timeout(DB_TIMEOUT):
+            while True:
+                attempts += 1
+                running = loop.run_in_executor(threads, unit.attempt, endpoint, kwargs)
+                try:
+                    return await asyncio.shield(running)
+                except Conflict:
+                    pause = min(0.5, 0.02 * 2**attempts)
+                    await asyncio.sleep(random.uniform(0, pause))  # noqa: S311 (jitter)
+                    for response, status_code, headers in responses:
+                        response.status_code = status_code
+                        response.raw_headers[:] = (
+                            headers  # response.headers reads these
+                        )
     except TimeoutError:
-        if not verdict.acquire(blocking=False):  # committing
-            with suppress(TimeoutError):
-                return await asyncio.wait_for(asyncio.shield(unit), LOCK_TIMEOUT)
-        cut_off(session)
-        raise DatabaseUnavailable(f"no answer within {DB_TIMEOUT} s") from None
+        pass
+    # Whatever the attempt still running does now, nobody waits for it.
+    running.add_done_callback(forget_outcome)
+    with unit.lock:
+        committing = unit.committing
+        unit.answered = not committing
+    if committing:
+        with suppress(TimeoutError):
+            return await asyncio.wait_for(asyncio.shield(running), COMMIT_GRACE)
+        with unit.lock:
+            unit.answered = True
+    unit.cut_off()
+    raise DatabaseUnavailable(f"no answer within {DB_TIMEOUT} s", committing)
+
+
+def forget_outcome(attempt: asyncio.Future[Any]) -> None:
+    """Take the outcome of an attempt nobody waits for, so that asyncio does not log
+    it as "never retrieved": its client has had its answer."""
+    if not attempt.cancelled():
+        attempt.exception()
 
 
 # --- What keeps it running: the engine, start-up and the database's text -----------
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, for_requests: bool = True) -> Engine:
     """An engine for `url`, with every wait bounded by DB_TIMEOUT; on SQLite, set up
-    so that several processes can share the file."""
+    so that several processes can share the file. Not `for_requests`: start-up's,
+    one connection without the statement and lock timeouts (building an index on a
+    large catalogue may take longer than DB_TIMEOUT)."""
     # As many pooled connections as threads that talk to the database (on SQLite,
     # sqlite_writer too): no thread waits for a connection, and none opens a
     # short-lived one of its own. No pre-ping: a connection found dead runs its
-    # transaction again on a new one (see run_transaction).
-    pool: dict[str, Any] = {"pool_size": WORKER_THREADS, "max_overflow": 0}
+    # transaction again on a new one (see UnitOfWork.attempt). No rollback when a
+    # connection comes back: its transaction has ended already, by a commit or a
+    # rollback, and a second one costs MySQL a round trip.
+    pool: dict[str, Any] = {
+        "pool_size": 2 * WORKER_THREADS,
+        "max_overflow": 0,
+        "pool_reset_on_return": None,
+    }
     connect_args: dict[str, Any] = {}
     if url.startswith("postgresql"):
-        statements, locks = round(DB_TIMEOUT * 1000), round(LOCK_TIMEOUT * 1000)
+        statements, locks = round(DB_TIMEOUT * 1000), round(LOCK_WAIT * 1000)
         connect_args = {
             "connect_timeout": max(2, ceil(DB_TIMEOUT)),
             "options": f"-c statement_timeout={statements} -c lock_timeout={locks}",
@@ -1492,24 +1591,32 @@ def make_engine(url: str) -> Engine:
             "connect_timeout": DB_TIMEOUT,
             "read_timeout": DB_TIMEOUT,  # client-side: bounds a statement too
             "write_timeout": DB_TIMEOUT,
-            "init_command": "SET innodb_lock_wait_timeout = "
-            + str(max(1, round(LOCK_TIMEOUT))),
+            # MariaDB waits for a lock whole seconds or not at all: not at all.
+            "init_command": "SET innodb_lock_wait_timeout = 0",
         }
     elif url.startswith("sqlite"):
-        # isolation_level="IMMEDIATE" makes the driver open every write transaction
-        # with BEGIN IMMEDIATE: the write lock is taken up front, where SQLite can
-        # wait for it (timeout), not at the first write, where it answers "locked".
+        # isolation_level=None: the driver begins no transaction itself, and
+        # begin_sqlite begins each one (SQLAlchemy's pysqlite recipe).
         connect_args = {
             "check_same_thread": False,
-            "isolation_level": "IMMEDIATE",
-            "timeout": LOCK_TIMEOUT,
+            "isolation_level": None,
+            "timeout": LOCK_WAIT,
         }
         pool["pool_size"] += 1
         if url == "sqlite://":  # in memory: the database lives in its one connection
-            pool = {"poolclass": StaticPool}
+            pool = {"poolclass": StaticPool, "pool_reset_on_return": None}
+    if not for_requests:
+        pool = {"poolclass": NullPool}
+        connect_args.pop("options", None)
+        connect_args.pop("init_command", None)
+        connect_args.pop("read_timeout", None)
+        connect_args.pop("write_timeout", None)
+        if "timeout" in connect_args:
+            connect_args["timeout"] = STARTUP_LOCK_WAIT
     engine = create_engine(url, echo=SQL_ECHO, connect_args=connect_args, **pool)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", set_sqlite_pragmas)
+        event.listen(engine, "begin", begin_sqlite)
     return engine
 
 
@@ -1518,6 +1625,25 @@ def set_sqlite_pragmas(dbapi_connection: Any, _connection_record: Any) -> None:
     # foreign_keys: SQLite ignores REFERENCES unless asked.
     for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON"):
         dbapi_connection.execute(f"PRAGMA {pragma}")
+
+
+def begin_sqlite(connection: Connection) -> None:
+    """Begin a transaction on SQLite. One that may write takes the write lock at
+    once, where SQLite can wait for it: begun at its first write, after its reads,
+    another process could change what it read in between, and a book checked for
+    its ETag (lock_book) would no longer be the book it changes. One that only
+    reads begins too, so that its statements see one state of the database."""
+    begin = connection.get_execution_options().get("sqlite_begin", "BEGIN IMMEDIATE")
+    connection.exec_driver_sql(begin)
+
+
+# How a transaction that only reads sees one state of the database, its page and
+# count alike: PostgreSQL's READ COMMITTED gives each statement a state of its
+# own; MariaDB's REPEATABLE READ is one already.
+SNAPSHOT_READS: dict[str, dict[str, Any]] = {
+    "sqlite": {"sqlite_begin": "BEGIN"},
+    "postgresql": {"isolation_level": "REPEATABLE READ"},
+}
 
 
 engine = make_engine(DATABASE_URL)
@@ -1530,24 +1656,101 @@ def fold_case(_mapper: Any, _connection: Any, book: Book) -> None:
     book.author_folded = book.author.lower()
 
 
-FOLD_CASE = (
-    update(Book)
-    .where(col(Book.id) == bindparam("book_id"))
-    .values(
-        title_folded=bindparam("folded_title"),
-        author_folded=bindparam("folded_author"),
+# A worker starting next to another one waits this long for SQLite's write lock.
+STARTUP_LOCK_WAIT = 600
+
+
+async def start_up() -> None:
+    """Make the tables, or bring a database made by an earlier version up to this
+    one (create_tables): once, however many workers start together, under a lock
+    that the database holds, without the request timeouts.
+
+    A database that cannot be reached (refused, timed out, still starting) is
+    waited for, and logged once: a worker started during an outage serves when the
+    database is back. One that answers but refuses (a wrong password, no such
+    database) stops the start.
+    """
+    own = engine
+    if not isinstance(engine.pool, StaticPool):  # in memory: its one connection
+        own = make_engine(engine.url.render_as_string(False), for_requests=False)
+    waited = False
+    # uvicorn acts on SIGTERM only once start-up is over: until then, a signal ends
+    # the wait, and is handed on to uvicorn, which then stops before serving.
+    stopping: list[int] = []
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda sig, _: stopping.append(sig))
+    try:
+        while not stopping:
+            try:
+                await asyncio.to_thread(upgrade_tables, own)
+                break
+            except (OperationalError, InterfaceError) as error:
+                if is_transient(error):  # another worker's lock, or its DDL
+                    await asyncio.sleep(random.uniform(0.1, 0.5))  # noqa: S311
+                    continue
+                if not is_unreachable(error):
+                    log.critical("The database refused the start: %s", error.orig)
+                    raise
+                if not waited:
+                    cause = " ".join(str(error.orig).split())
+                    log.warning("Waiting for the database: %s", cause)
+                    waited = True
+                await asyncio.sleep(0.5)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if own is not engine:
+            own.dispose()
+    for received in stopping[:1]:
+        signal.raise_signal(received)
+    if waited and not stopping:
+        log.info("The database is back")
+
+
+def is_unreachable(error: DBAPIError) -> bool:
+    """Whether the database gave no answer, or said it is starting or stopping,
+    rather than refusing (psycopg tells only in words what the server said)."""
+    message = str(error.orig)
+    if error.orig is not None and error.orig.args[:1] in ((2003,), (2006,), (2013,)):
+        return True  # MySQL: cannot connect, server gone away, connection lost
+    starting = "the database system is" in message  # starting up, shutting down
+    return "psycopg" in type(error.orig).__module__ and (
+        "FATAL:" not in message or starting
     )
-)
 
 
-def create_tables(connection: Connection) -> None:
+def upgrade_tables(own: Engine) -> None:
+    with own.begin() as connection:
+        # The lock, held until the end: the other workers wait for it, then find
+        # nothing left to change. SQLite's is the write lock of every transaction.
+        if connection.dialect.name == "postgresql":
+            connection.exec_driver_sql("SELECT pg_advisory_xact_lock(20261202)")
+        elif connection.dialect.name in ("mysql", "mariadb"):  # held until closed
+            connection.exec_driver_sql("SELECT GET_LOCK('bookstore start-up', 86400)")
+        changes = create_tables(connection)
+    if changes:
+        log.info("Start-up brought the tables up to date: %s", "; ".join(changes))
+
+
+def create_tables(connection: Connection) -> list[str]:
     """Create the tables, or bring those of a database made by an earlier version
-    up to this one, keeping every row: the columns and indexes they lack, the
-    folded text of their books, the keys of their orders, and the indexes each
-    database makes its own way."""
-    SQLModel.metadata.create_all(connection)
+    up to this one, keeping every row: the columns and indexes they lack, their
+    character set, the folded text of their books, the keys of their orders, and
+    the indexes each database makes its own way. What it changed, in words; when
+    nothing needs to change, it changes nothing and takes no lock."""
+    changes: list[str] = []
     inspector = inspect(connection)
     dialect = connection.dialect
+    tables = set(inspector.get_table_names())
+    missing_tables = [
+        t for t in SQLModel.metadata.sorted_tables if t.name not in tables
+    ]
+    if missing_tables:
+        SQLModel.metadata.create_all(connection, tables=missing_tables)
+        changes.append("created " + ", ".join(t.name for t in missing_tables))
+        inspector = inspect(connection)
     quote = dialect.identifier_preparer
     for table in SQLModel.metadata.sorted_tables:
         present = {info["name"] for info in inspector.get_columns(table.name)}
@@ -1564,13 +1767,20 @@ def create_tables(connection: Connection) -> None:
                 f"ALTER TABLE {quote.format_table(table)}"
                 f" ADD COLUMN {CreateColumn(missing).compile(dialect=dialect)}"
             )
+            changes.append(f"added column {table.name}.{missing.name}")
         indexes = {index["name"] for index in inspector.get_indexes(table.name)}
         for index in table.indexes:
             if index.name not in indexes:
                 index.create(connection)
+                changes.append(f"added index {index.name}")
+    if dialect.name in ("mysql", "mariadb"):
+        changes += convert_to_utf8mb4(connection)
     order_columns = {info["name"] for info in inspector.get_columns("order")}
     if "idempotency_key" in order_columns:  # where earlier versions kept them
-        connection.execute(COPY_ORDER_KEYS)
+        changes += copy_order_keys(connection)
+    # A key whose book an earlier version deleted: its retry is a 404 (delete_book).
+    if connection.execute(FORGET_DELETED_BOOKS_KEYS).rowcount:
+        changes.append("keys of deleted books forgotten")
     unfolded = select(Book.id, Book.title, Book.author).where(
         col(Book.title_folded).is_(None)
     )
@@ -1580,18 +1790,14 @@ def create_tables(connection: Connection) -> None:
     ]
     if folded:
         connection.execute(FOLD_CASE, folded)
+        changes.append(f"folded the titles and authors of {len(folded)} books")
     if dialect.name == "postgresql":
-        connection.exec_driver_sql(OBSOLETE_POSTGRESQL)
-        try:
-            with connection.begin_nested():
-                for statement in POSTGRESQL_SEARCH_INDEXES:
-                    connection.exec_driver_sql(statement)
-        except (ProgrammingError, OperationalError) as error:
-            # pg_trgm ships with PostgreSQL, and a database's owner may add it
-            # since PostgreSQL 13; without it, a search reads every title.
-            log.warning("Search will be slower, without pg_trgm: %s", error.orig)
+        changes += create_postgresql_indexes(connection)
     elif getattr(dialect, "is_mariadb", False):
-        connection.exec_driver_sql(OBSOLETE_MARIADB)
+        book_columns = {info["name"] for info in inspector.get_columns("book")}
+        if book_columns & {"title_lower", "author_lower"}:
+            connection.exec_driver_sql(OBSOLETE_MARIADB)
+            changes.append("dropped the columns title_lower, author_lower")
     elif dialect.name == "sqlite":
         # The triggers go with the book table, and earlier ones indexed other text.
         trigger = connection.exec_driver_sql(
@@ -1600,6 +1806,133 @@ def create_tables(connection: Connection) -> None:
         if "title_folded" not in (trigger or ""):
             for statement in OBSOLETE_SQLITE + SQLITE_SEARCH_INDEX:
                 connection.exec_driver_sql(statement)
+            changes.append("made the search index")
+    return changes
+
+
+FOLD_CASE = (
+    update(Book)
+    .where(col(Book.id) == bindparam("book_id"))
+    .values(
+        title_folded=bindparam("folded_title"),
+        author_folded=bindparam("folded_author"),
+    )
+)
+FORGET_DELETED_BOOKS_KEYS = (
+    update(KeyedRequest)
+    .where(
+        col(KeyedRequest.route).in_(BOOK_ROUTES),
+        col(KeyedRequest.result_id) > 0,
+        ~exists().where(col(Book.id) == col(KeyedRequest.result_id)),
+    )
+    .values(result_id=-col(KeyedRequest.result_id))
+)
+
+
+def convert_to_utf8mb4(connection: Connection) -> list[str]:
+    """Bring MySQL/MariaDB tables made in another character set (latin1, utf8mb3:
+    no emoji) to utf8mb4, and the text that compares exactly to its collation."""
+    changes = []
+    quote = connection.dialect.identifier_preparer
+    collations = connection.execute(MYSQL_COLLATIONS).all()
+    for table in SQLModel.metadata.sorted_tables:
+        name = quote.format_table(table)
+        found = {
+            column: collation for t, column, collation in collations if t == table.name
+        }
+        if any(not collation.startswith("utf8mb4") for collation in found.values()):
+            connection.exec_driver_sql(
+                f"ALTER TABLE {name} CONVERT TO CHARACTER SET utf8mb4"
+            )
+            changes.append(f"converted table {table.name} to utf8mb4")
+            found = dict.fromkeys(found, "")
+        for exact in table.columns:
+            wanted = exact.type.dialect_impl(connection.dialect)
+            collation = getattr(wanted, "collation", None)
+            if collation and found.get(exact.name) != collation:
+                connection.exec_driver_sql(
+                    f"ALTER TABLE {name} MODIFY COLUMN"
+                    f" {CreateColumn(exact).compile(dialect=connection.dialect)}"
+                )
+                changes.append(f"column {table.name}.{exact.name} now {collation}")
+    return changes
+
+
+MYSQL_COLLATIONS = sql_text(
+    "SELECT TABLE_NAME, COLUMN_NAME, COLLATION_NAME FROM information_schema.COLUMNS"
+    " WHERE TABLE_SCHEMA = DATABASE() AND COLLATION_NAME IS NOT NULL"
+)
+
+
+def copy_order_keys(connection: Connection) -> list[str]:
+    """Copy the Idempotency-Keys that earlier versions kept in their orders into
+    the table of keys, each once. Compared in Python: in the database, the two
+    columns may have collations that MySQL refuses to compare."""
+    copied = set(
+        connection.scalars(
+            select(KeyedRequest.key).where(col(KeyedRequest.route) == "place_order")
+        )
+    )
+    keys = [
+        {"route": "place_order", "key": key, "request_hash": request_hash,
+         "result_id": order_id, "created_at": created_at}
+        for order_id, key, request_hash, created_at in connection.execute(
+            EARLIER_ORDER_KEYS
+        )
+        if key not in copied
+    ]  # fmt: skip
+    if keys:
+        connection.execute(insert(KeyedRequest), keys)
+        return [f"copied {len(keys)} order keys"]
+    return []
+
+
+# Earlier versions kept the Idempotency-Key of an order in the order (the columns
+# stay, unused).
+EARLIER_ORDERS = sql_table(
+    "order",
+    column("id"),
+    column("idempotency_key"),
+    column("request_hash"),
+    column("created_at", UTCDateTime()),
+)
+EARLIER_ORDER_KEYS = select(
+    EARLIER_ORDERS.c.id,
+    EARLIER_ORDERS.c.idempotency_key,
+    EARLIER_ORDERS.c.request_hash,
+    EARLIER_ORDERS.c.created_at,
+).where(EARLIER_ORDERS.c.idempotency_key.is_not(None))
+
+
+def create_postgresql_indexes(connection: Connection) -> list[str]:
+    """PostgreSQL's trigram indexes, if pg_trgm can be had, in place of what
+    earlier versions made. Only what is missing is made: CREATE INDEX IF NOT
+    EXISTS would lock the table before it looks."""
+    changes = []
+    present = set(connection.scalars(POSTGRESQL_INDEXES))
+    if obsolete := sorted(present & OBSOLETE_POSTGRESQL):
+        connection.exec_driver_sql("DROP INDEX " + ", ".join(obsolete))
+        changes.append("dropped indexes " + ", ".join(obsolete))
+    missing = [name for name in POSTGRESQL_SEARCH_INDEXES if name not in present]
+    if not missing:
+        return changes
+    try:
+        with connection.begin_nested():
+            connection.exec_driver_sql("CREATE EXTENSION IF NOT EXISTS pg_trgm")
+    except (ProgrammingError, OperationalError) as error:
+        # pg_trgm ships with PostgreSQL, and a database's owner may add it
+        # since PostgreSQL 13; without it, a search reads every title.
+        log.warning("Search will be slower, without pg_trgm: %s", error.orig)
+        return changes
+    for name in missing:
+        connection.exec_driver_sql(POSTGRESQL_SEARCH_INDEXES[name])
+        changes.append(f"added index {name}")
+    return changes
+
+
+POSTGRESQL_INDEXES = sql_text(
+    "SELECT indexname FROM pg_indexes WHERE tablename = 'book'"
+)
 
 
 # --- What keeps it running: the way in and the error answers ------------------------
@@ -1675,10 +2008,15 @@ async def database_unavailable(
     request: Request, exc: DatabaseUnavailable
 ) -> JSONResponse:
     """503, logged once with its cause; the client may try again in a moment."""
-    log.error("Database unavailable, answering 503: %s", exc)
-    return JSONResponse(
-        {"detail": "Database unavailable"}, 503, headers={"Retry-After": "2"}
-    )
+    cause = " ".join(str(exc).split())  # psycopg's messages have several lines
+    log.error("Database unavailable, answering 503: %s", cause)
+    detail = "Database unavailable"
+    if exc.after_commit:
+        detail += (
+            " after the commit was sent: the change may have been made; a retry"
+            " with the same Idempotency-Key tells"
+        )
+    return JSONResponse({"detail": detail}, 503, headers={"Retry-After": "2"})
 
 
 @app.exception_handler(RequestValidationError)
@@ -1840,45 +2178,20 @@ SQLITE_SEARCH_INDEX = (
 
 
 # On PostgreSQL, trigram indexes (pg_trgm) serve LIKE '%...%' as it is.
-POSTGRESQL_SEARCH_INDEXES = (
-    "CREATE EXTENSION IF NOT EXISTS pg_trgm",
-    "CREATE INDEX IF NOT EXISTS book_title_folded_trgm ON book"
-    " USING gin (title_folded gin_trgm_ops)",
-    "CREATE INDEX IF NOT EXISTS book_author_folded_trgm ON book"
-    " USING gin (author_folded gin_trgm_ops)",
-)
-# Earlier versions kept the Idempotency-Key of an order in the order: each one that
-# the table of keys lacks is copied there (the columns stay, unused).
-EARLIER_ORDERS = sql_table(
-    "order",
-    column("id"),
-    column("idempotency_key"),
-    column("request_hash"),
-    column("created_at"),
-)
-COPY_ORDER_KEYS = insert(KeyedRequest).from_select(
-    ["route", "key", "request_hash", "result_id", "created_at"],
-    EARLIER_ORDERS.select()
-    .with_only_columns(
-        literal("place_order"),
-        EARLIER_ORDERS.c.idempotency_key,
-        EARLIER_ORDERS.c.request_hash,
-        EARLIER_ORDERS.c.id,
-        EARLIER_ORDERS.c.created_at,
+POSTGRESQL_SEARCH_INDEXES = {
+    name: f"CREATE INDEX {name} ON book USING gin ({column} gin_trgm_ops)"
+    for name, column in (
+        ("book_title_folded_trgm", "title_folded"),
+        ("book_author_folded_trgm", "author_folded"),
     )
-    .where(
-        EARLIER_ORDERS.c.idempotency_key.is_not(None),
-        ~exists().where(
-            col(KeyedRequest.route) == "place_order",
-            col(KeyedRequest.key) == EARLIER_ORDERS.c.idempotency_key,
-        ),
-    ),
-)
+}
 # What earlier versions made to search and sort by each database's own folding.
-OBSOLETE_POSTGRESQL = (
-    "DROP INDEX IF EXISTS book_title_lower, book_author_lower,"
-    " book_title_trgm, book_author_trgm"
-)
+OBSOLETE_POSTGRESQL = {
+    "book_title_lower",
+    "book_author_lower",
+    "book_title_trgm",
+    "book_author_trgm",
+}
 OBSOLETE_MARIADB = (
     "ALTER TABLE book DROP COLUMN IF EXISTS title_lower,"
     " DROP COLUMN IF EXISTS author_lower"
