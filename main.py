@@ -1543,12 +1543,10 @@ async def in_transaction(
     running.add_done_callback(forget_outcome)
     with unit.lock:
         committing = unit.committing
-        unit.answered = not committing
+        unit.answered = True  # from now on, no attempt starts or commits
     if committing:
         with suppress(TimeoutError):
             return await asyncio.wait_for(asyncio.shield(running), COMMIT_GRACE)
-        with unit.lock:
-            unit.answered = True
     unit.cut_off()
     raise DatabaseUnavailable(f"no answer within {DB_TIMEOUT} s", committing)
 
@@ -1687,9 +1685,6 @@ async def start_up() -> None:
                 await asyncio.to_thread(upgrade_tables, own)
                 break
             except (OperationalError, InterfaceError) as error:
-                if is_transient(error):  # another worker's lock, or its DDL
-                    await asyncio.sleep(random.uniform(0.1, 0.5))  # noqa: S311
-                    continue
                 if not is_unreachable(error):
                     log.critical("The database refused the start: %s", error.orig)
                     raise
@@ -1779,8 +1774,7 @@ def create_tables(connection: Connection) -> list[str]:
     if "idempotency_key" in order_columns:  # where earlier versions kept them
         changes += copy_order_keys(connection)
     # A key whose book an earlier version deleted: its retry is a 404 (delete_book).
-    if connection.execute(FORGET_DELETED_BOOKS_KEYS).rowcount:
-        changes.append("keys of deleted books forgotten")
+    connection.execute(FORGET_DELETED_BOOKS_KEYS)
     unfolded = select(Book.id, Book.title, Book.author).where(
         col(Book.title_folded).is_(None)
     )

@@ -3418,6 +3418,47 @@ def test_workers_started_while_the_database_is_away_wait_for_it(database_url, tm
     assert "Traceback" not in (tmp_path / "service.log").read_text()
 
 
+@pytest.mark.parametrize("database_url", SERVER_URLS, ids=lambda url: url.split(":")[0])
+def test_a_worker_waiting_for_the_database_stops_when_told(database_url, tmp_path):
+    proxy = FaultyProxy(empty_database(database_url, tmp_path))
+    proxy.set("down")
+    log = tmp_path / "service.log"
+    with open(log, "wb") as output:
+        command = [sys.executable, "-m", "uvicorn", "main:app",
+                   "--port", str(free_port())]  # fmt: skip
+        service = subprocess.Popen(
+            command, cwd=HERE, stdout=output, stderr=subprocess.STDOUT,
+            env=os.environ | {"DATABASE_URL": proxy.proxy_url},
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while "Waiting for the database" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        service.send_signal(signal.SIGTERM)
+        assert service.wait(timeout=10) is not None
+    finally:
+        service.kill()
+        proxy.close()
+    assert "Traceback" not in log.read_text()
+
+
+@pytest.mark.parametrize("database_url", SERVER_URLS, ids=lambda url: url.split(":")[0])
+def test_a_database_that_refuses_stops_the_start_with_one_line(
+    database_url, monkeypatch, caplog
+):
+    """No such database: the server answers, and says no. That is no outage to
+    wait for: the start stops, and the log says why."""
+    refused = make_engine(
+        make_url(database_url).set(database="no_such_shop").render_as_string(False)
+    )
+    monkeypatch.setattr(main, "engine", refused)
+    with pytest.raises(sqlalchemy.exc.OperationalError), TestClient(app):
+        pass
+    assert [m for m in caplog.messages if "refused the start" in m]
+    refused.dispose()
+
+
 def test_a_burst_answered_503_leaves_no_work_behind(tmp_path):
     """SQLite, DB_TIMEOUT=1: 400 orders of 100 lines at once, more than the writer
     can place in a second. Those it has not started by their deadline are dropped,
