@@ -1425,14 +1425,13 @@ class UnitOfWork:
             if self.answered:  # waited for a thread past its deadline: touch nothing
                 raise DatabaseUnavailable(f"no answer within {DB_TIMEOUT} s")
         session = self.session
-        dialect = self.engine.dialect.name
         committing = False
         try:
             with self.engine.connect() as connection:
                 self.watch(connection)
                 try:
-                    if not self.write:  # a page and its count see one state
-                        connection.execution_options(**SNAPSHOT_READS.get(dialect, {}))
+                    if not self.write:  # see begin_transaction
+                        connection.execution_options(reads_only=True)
                     session.bind = connection
                     result = endpoint(**kwargs)
                     with self.lock:
@@ -1506,8 +1505,8 @@ async def in_transaction(
     status an attempt set are forgotten. The answer comes within DB_TIMEOUT,
     whatever the database does: an attempt still running then (connecting, or
     waiting for a thread) is left to fail on its own, and can no longer commit. One
-    already committing is waited for a third of DB_TIMEOUT more, so that its client
-    learns what happened; past that, nobody knows, and the 503 says so.
+    already committing is waited for COMMIT_GRACE more, so that its client learns
+    what happened; past that, nobody knows, and the 503 says so.
     """
     unit = UnitOfWork(kwargs["session"], write)
     dialect = unit.engine.dialect.name
@@ -1533,10 +1532,9 @@ async def in_transaction(
                     pause = min(0.5, 0.02 * 2**attempts)
                     await asyncio.sleep(random.uniform(0, pause))  # noqa: S311 (jitter)
                     for response, status_code, headers in responses:
+                        # Starlette's response.headers reads raw_headers.
                         response.status_code = status_code
-                        response.raw_headers[:] = (
-                            headers  # response.headers reads these
-                        )
+                        response.raw_headers[:] = headers
     except TimeoutError:
         pass
     # Whatever the attempt still running does now, nobody waits for it.
@@ -1594,7 +1592,7 @@ def make_engine(url: str, for_requests: bool = True) -> Engine:
         }
     elif url.startswith("sqlite"):
         # isolation_level=None: the driver begins no transaction itself, and
-        # begin_sqlite begins each one (SQLAlchemy's pysqlite recipe).
+        # begin_transaction begins each one (SQLAlchemy's pysqlite recipe).
         connect_args = {
             "check_same_thread": False,
             "isolation_level": None,
@@ -1614,7 +1612,8 @@ def make_engine(url: str, for_requests: bool = True) -> Engine:
     engine = create_engine(url, echo=SQL_ECHO, connect_args=connect_args, **pool)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", set_sqlite_pragmas)
-        event.listen(engine, "begin", begin_sqlite)
+    if engine.dialect.name in ("sqlite", "postgresql"):
+        event.listen(engine, "begin", begin_transaction)
     return engine
 
 
@@ -1625,23 +1624,25 @@ def set_sqlite_pragmas(dbapi_connection: Any, _connection_record: Any) -> None:
         dbapi_connection.execute(f"PRAGMA {pragma}")
 
 
-def begin_sqlite(connection: Connection) -> None:
-    """Begin a transaction on SQLite. One that may write takes the write lock at
-    once, where SQLite can wait for it: begun at its first write, after its reads,
-    another process could change what it read in between, and a book checked for
-    its ETag (lock_book) would no longer be the book it changes. One that only
-    reads begins too, so that its statements see one state of the database."""
-    begin = connection.get_execution_options().get("sqlite_begin", "BEGIN IMMEDIATE")
-    connection.exec_driver_sql(begin)
+def begin_transaction(connection: Connection) -> None:
+    """Begin a transaction the way this database needs.
 
-
-# How a transaction that only reads sees one state of the database, its page and
-# count alike: PostgreSQL's READ COMMITTED gives each statement a state of its
-# own; MariaDB's REPEATABLE READ is one already.
-SNAPSHOT_READS: dict[str, dict[str, Any]] = {
-    "sqlite": {"sqlite_begin": "BEGIN"},
-    "postgresql": {"isolation_level": "REPEATABLE READ"},
-}
+    On SQLite, one that may write takes the write lock at once, where SQLite can
+    wait for it: begun at its first write, after its reads, another process could
+    change what it read in between, and a book checked for its ETag (lock_book)
+    would no longer be the book it changes. One that only reads (`reads_only`)
+    begins too, so that its statements, a page and its count, see one state of the
+    database. On PostgreSQL, whose READ COMMITTED gives each statement a state of
+    its own, a read runs in REPEATABLE READ, which psycopg names in the BEGIN it
+    sends (MariaDB's default is that already).
+    """
+    reads_only = connection.get_execution_options().get("reads_only", False)
+    if connection.dialect.name == "sqlite":
+        connection.exec_driver_sql("BEGIN" if reads_only else "BEGIN IMMEDIATE")
+    else:  # set at every begin, so no connection keeps it for a write
+        psycopg_connection: Any = connection.connection.dbapi_connection
+        repeatable_read = 3  # psycopg.IsolationLevel.REPEATABLE_READ
+        psycopg_connection.isolation_level = repeatable_read if reads_only else None
 
 
 engine = make_engine(DATABASE_URL)

@@ -2272,6 +2272,7 @@ class LiveService:
         if app_dir != HERE:  # another main.py: coverage measures this one only
             env.pop("COVERAGE_PROCESS_CONFIG", None)
         with open(log_path, "ab") as log:  # the service writes to its own copy
+            written = log.tell()
             self.process = subprocess.Popen(
                 command,
                 cwd=app_dir,
@@ -2281,12 +2282,15 @@ class LiveService:
                 start_new_session=True,
             )
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline:  # every worker started, and serving
+            started = log_path.read_bytes()[written:].count(b"startup complete")
             try:
-                if httpx2.get(f"{self.url}/health", timeout=1).status_code == 200:
+                healthy = httpx2.get(f"{self.url}/health", timeout=1).status_code
+                if started == workers and healthy == 200:
                     return
             except httpx2.TransportError:
-                time.sleep(0.1)
+                pass
+            time.sleep(0.1)
         self.stop()
         raise AssertionError(f"the service did not start: {log_path.read_text()}")
 
@@ -3088,7 +3092,7 @@ def hold_book_lock(database_url: str, book_id: int, seconds: float):
 
     def hold():
         with engine.connect() as connection:
-            # On SQLite, the transaction begins with the write lock (begin_sqlite).
+            # On SQLite, the transaction begins with the write lock (begin_transaction).
             connection.execute(select(Book).where(Book.id == book_id).with_for_update())
             locked.set()
             time.sleep(seconds)
