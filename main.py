@@ -1428,8 +1428,8 @@ class UnitOfWork:
         committing = False
         try:
             with self.engine.connect() as connection:
-                self.watch(connection)
                 try:
+                    self.watch(connection)
                     if not self.write:  # see begin_transaction
                         connection.execution_options(reads_only=True)
                     session.bind = connection
@@ -1460,12 +1460,17 @@ class UnitOfWork:
             raise DatabaseUnavailable(error.orig, committing and lost) from None
 
     def watch(self, connection: Connection) -> None:
-        """Keep a duplicate of a psycopg connection's socket, for cut_off."""
+        """Keep a duplicate of a psycopg connection's socket, for cut_off; or stop,
+        if the client was answered while this attempt connected (cut_off has run,
+        and would not run again)."""
         dbapi_connection: Any = connection.connection.dbapi_connection
+        duplicate = None
         if hasattr(dbapi_connection, "fileno"):
             duplicate = socket.socket(fileno=os.dup(dbapi_connection.fileno()))
-            with self.lock:
-                self.socket = duplicate
+        with self.lock:
+            self.socket = duplicate
+            if self.answered:
+                raise DatabaseUnavailable(f"no answer within {DB_TIMEOUT} s")
 
     def forget(self) -> None:
         with self.lock:
