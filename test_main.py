@@ -2992,15 +2992,25 @@ def test_one_locked_book_costs_the_other_books_nothing(database_url, tmp_path):
         )
         holder = hold_book_lock(database_url, held["id"], 3)
         with ThreadPoolExecutor(20) as pool:
+            # Each request on a connection of its own, so that both workers get some.
+            orders, line = f"{service.url}/orders", {"quantity": 1}
             waiting = [
-                pool.submit(place_order, http, (held["id"], 1)) for _ in range(20)
+                pool.submit(
+                    httpx2.post,
+                    orders,
+                    json={"customer": "x", "items": [line | {"book_id": held["id"]}]},
+                    timeout=30,
+                )
+                for _ in range(20)
             ]
             time.sleep(0.5)  # every thread of the service that writes is waiting
             for _ in range(5):
-                seconds, response = timed(http.get, f"/books/{free['id']}")
+                book = f"{service.url}/books/{free['id']}"
+                seconds, response = timed(httpx2.get, book, timeout=30)
                 assert response.status_code == 200
                 assert seconds < 0.5, seconds
-                seconds, response = timed(place_order, http, (free["id"], 1))
+                order = {"customer": "x", "items": [line | {"book_id": free["id"]}]}
+                seconds, response = timed(httpx2.post, orders, json=order, timeout=30)
                 assert response.status_code == 201, response.text
                 assert seconds < 0.5, seconds
             statuses = [order.result(timeout=30).status_code for order in waiting]
