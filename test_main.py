@@ -2295,7 +2295,10 @@ class LiveService:
         raise AssertionError(f"the service did not start: {log_path.read_text()}")
 
     def stop(self, sig=signal.SIGTERM):
-        os.killpg(self.process.pid, sig)
+        if sig == signal.SIGTERM:  # uvicorn's parent stops its workers, each once
+            self.process.terminate()
+        else:
+            os.killpg(self.process.pid, sig)
         self.process.wait(timeout=30)
 
 
