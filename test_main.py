@@ -2424,6 +2424,17 @@ EARLIER_VERSIONS = [
 ]  # fmt: skip
 
 
+def earlier_version(commit: str, tmp_path: Path) -> Path:
+    """A folder holding main.py as it was at `commit`, to be served from."""
+    earlier = tmp_path / commit
+    earlier.mkdir()
+    source = ["git", "show", f"{commit}:main.py"]
+    (earlier / "main.py").write_bytes(
+        subprocess.run(source, cwd=HERE, capture_output=True, check=True).stdout
+    )
+    return earlier
+
+
 @pytest.mark.parametrize("commit", EARLIER_VERSIONS)
 def test_a_database_made_by_an_earlier_version_is_served_whole(
     database_url, tmp_path, commit
@@ -2436,12 +2447,7 @@ def test_a_database_made_by_an_earlier_version_is_served_whole(
         engine = make_engine(database_url)
         SQLModel.metadata.drop_all(engine)
         engine.dispose()
-    earlier = tmp_path / commit
-    earlier.mkdir()
-    source = ["git", "show", f"{commit}:main.py"]
-    (earlier / "main.py").write_bytes(
-        subprocess.run(source, cwd=HERE, capture_output=True, check=True).stdout
-    )
+    earlier = earlier_version(commit, tmp_path)
     key = {"Idempotency-Key": "placed-before-the-upgrade"}
     with (
         live_service(database_url, tmp_path, app_dir=earlier) as service,
@@ -2511,12 +2517,7 @@ def test_a_latin1_mariadb_database_of_an_earlier_version_takes_emoji(tmp_path):
         )
     admin.dispose()
     url = make_url(server).set(database="bookstore_latin1").render_as_string(False)
-    earlier = tmp_path / "10d1efd"
-    earlier.mkdir()
-    source = ["git", "show", "10d1efd:main.py"]
-    (earlier / "main.py").write_bytes(
-        subprocess.run(source, cwd=HERE, capture_output=True, check=True).stdout
-    )
+    earlier = earlier_version("10d1efd", tmp_path)
     key = {"Idempotency-Key": "placed-in-latin1"}
     with (
         live_service(url, tmp_path, app_dir=earlier) as service,
