@@ -1421,9 +1421,8 @@ class UnitOfWork:
         """Run endpoint(**kwargs) and commit, on a connection of this attempt's own,
         in a worker thread. Every way the transaction ends, the rollback and the
         connection's return included, is inside the mapping of errors below."""
-        with self.lock:
-            if self.answered:  # waited for a thread past its deadline: touch nothing
-                raise DatabaseUnavailable(f"no answer within {DB_TIMEOUT} s")
+        with self.lock:  # waited for a thread past its deadline: touch nothing
+            self.stop_if_answered()
         session = self.session
         committing = False
         try:
@@ -1435,10 +1434,7 @@ class UnitOfWork:
                     session.bind = connection
                     result = endpoint(**kwargs)
                     with self.lock:
-                        if self.answered:
-                            raise DatabaseUnavailable(
-                                f"no answer within {DB_TIMEOUT} s"
-                            )
+                        self.stop_if_answered()
                         # A read has nothing to lose: its commit ends it.
                         self.committing = committing = self.write
                     session.commit()
@@ -1469,8 +1465,12 @@ class UnitOfWork:
             duplicate = socket.socket(fileno=os.dup(dbapi_connection.fileno()))
         with self.lock:
             self.socket = duplicate
-            if self.answered:
-                raise DatabaseUnavailable(f"no answer within {DB_TIMEOUT} s")
+            self.stop_if_answered()
+
+    def stop_if_answered(self) -> None:
+        """With the lock held: a unit whose client has had its 503 does no more."""
+        if self.answered:
+            raise DatabaseUnavailable(f"no answer within {DB_TIMEOUT} s")
 
     def forget(self) -> None:
         with self.lock:
