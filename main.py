@@ -22,13 +22,14 @@ import secrets
 import signal
 import socket
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager, suppress
+from contextlib import ExitStack, asynccontextmanager, contextmanager, suppress
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
 from functools import cache
+from inspect import signature
 from math import ceil
 from typing import Annotated, Any, Literal, ParamSpec, TypeVar
 
@@ -121,15 +122,25 @@ if ADMIN_TOKEN is not None and not re.fullmatch(r"[\x21-\x7e]+", ADMIN_TOKEN):
         " a trailing newline: no client could send it"
     )
     raise SystemExit(3)
+
+
+def seconds(name: str, default: str) -> float:
+    """A setting in seconds: a positive number, or the service does not start."""
+    try:
+        value = float(os.environ.get(name, default))
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):  # nan compares false too
+        text = os.environ[name]
+        log.critical("%s must be a positive number of seconds, not %r", name, text)
+        raise SystemExit(3)  # uvicorn's "failed to start": its other workers stop too
+    return value
+
+
 # Seconds a request may wait for the database in all (connecting, locks, statements).
-try:
-    DB_TIMEOUT = float(os.environ.get("DB_TIMEOUT", "10"))
-except ValueError:
-    DB_TIMEOUT = float("nan")
-if not 0 < DB_TIMEOUT < float("inf"):  # nan compares false too
-    value = os.environ["DB_TIMEOUT"]
-    log.critical("DB_TIMEOUT must be a positive number of seconds, not %r", value)
-    raise SystemExit(3)  # uvicorn's "failed to start": its other workers stop too
+DB_TIMEOUT = seconds("DB_TIMEOUT", "10")
+# Seconds a request's body may take to arrive: a slower one is a 408.
+BODY_TIMEOUT = seconds("BODY_TIMEOUT", "30")
 # A lock is waited for briefly: a transaction that does not get it gives its thread
 # back, and runs again after a pause, until DB_TIMEOUT. A commit still under way at
 # DB_TIMEOUT is waited for a third of it more, so that its client learns the outcome.
@@ -140,9 +151,8 @@ MAX_ID = 2_147_483_647  # the largest key that every database's INTEGER holds
 MAX_STOCK = 1_000_000_000
 # The largest body a model can hold (a book whose 2,400 characters of text are all
 # written as JSON escapes, "\ud83d\ude00", is 29 KB): more is a 413, before the cost
-# of reading it is paid. A body still arriving after BODY_TIMEOUT seconds is a 408.
+# of reading it is paid.
 MAX_BODY_BYTES = 32 * 1024
-BODY_TIMEOUT = 30
 # A 422 lists the first errors only: 100,000 unknown keys are not 100,000 errors.
 MAX_ERRORS = 20
 # Requests hold a worker thread only while they talk to the database (see
@@ -407,19 +417,39 @@ class BookPublic(BookBase):
         return self.stock > 0
 
 
+def without_null(schema: dict[str, Any]) -> None:
+    """The schema of a field that may be left out, but not sent as null."""
+    kinds = [kind for kind in schema.pop("anyOf") if kind != {"type": "null"}]
+    schema.update(kinds[0] if len(kinds) == 1 else {"anyOf": kinds})
+
+
+NOT_NULL = {"json_schema_extra": without_null}
+
+
 class BookUpdate(Input):
     model_config = {
         "json_schema_extra": {"examples": [{"price": "44.99", "stock": 12}]},
     }
 
-    # Each field may be left out, but none may be null unless it is nullable.
-    title: Text = Field(default=None, min_length=1, max_length=200)
-    author: Text = Field(default=None, min_length=1, max_length=200)
-    year: StrictInt = Field(default=None, ge=0, le=2100)
+    # None: a field not sent. Only the nullable ones may be sent as null (not_null).
+    title: Text | None = Field(
+        default=None, min_length=1, max_length=200, schema_extra=NOT_NULL
+    )
+    author: Text | None = Field(
+        default=None, min_length=1, max_length=200, schema_extra=NOT_NULL
+    )
+    year: StrictInt | None = Field(default=None, ge=0, le=2100, schema_extra=NOT_NULL)
     isbn: ISBN | None = None
-    price: Price = Field(default=None)
+    price: Price | None = Field(default=None, schema_extra=NOT_NULL)
     description: Text | None = Field(default=None, max_length=2000)
-    stock: Stock = Field(default=None)
+    stock: Stock | None = Field(default=None, schema_extra=NOT_NULL)
+
+    @field_validator("title", "author", "year", "price", "stock")
+    @classmethod
+    def not_null(cls, value: T | None) -> T:
+        if value is None:  # a default is not validated: this is a null sent
+            raise ValueError("may be left out, but not null")
+        return value
 
 
 class StockChange(Input):
@@ -642,10 +672,11 @@ class OrderFilter(Page):
 # --- The app ----------------------------------------------------------------------
 
 
-async def get_session() -> Session:
-    # Creating a session does no I/O, so this runs in the event loop. The session
-    # is used, and closed, by the unit of work (@transaction, below).
-    return Session(engine, expire_on_commit=False)
+def get_session() -> Iterator[Session]:
+    # expire_on_commit=False: the answer is made from the endpoint's objects after
+    # the commit, and they stay as they were.
+    with Session(engine, expire_on_commit=False) as session:
+        yield session
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
@@ -706,9 +737,8 @@ async def require_admin(
 
 
 # Routes that change the catalogue or touch orders are the shop's, not the
-# customers': they depend on ADMIN. The others are OPEN, also in the schema.
+# customers': they depend on ADMIN. The others are open, also in the schema.
 ADMIN = Depends(require_admin)
-OPEN: dict[str, Any] = {"security": []}
 
 
 def header(description: str, kind: str = "string") -> dict[str, Any]:
@@ -730,6 +760,7 @@ NOT_MODIFIED = {
 # every request, 20 µs apiece, 6% of a GET /books/{id} (measured A/B).
 # An Idempotency-Key: 1 to 255 printable ASCII characters (checked in claim_key).
 KEY_PATTERN = r"^[\x20-\x7e]{1,255}$"
+CONDITIONS = {412: "If-Match", 304: "If-None-Match"}
 REQUEST_HEADERS: dict[str, dict[str, Any]] = {
     "If-Match": {"description": "ETags, or *: unless the book's is one of them, 412"},
     "If-None-Match": {"description": "ETags, or *: if the book's is one, 304"},
@@ -751,22 +782,22 @@ def reads(*names: str) -> dict[str, Any]:
     }
 
 
-def answers(*status_codes: int) -> dict[int | str, dict[str, Any]]:
-    """The OpenAPI entries of a route that uses the database: its error answers,
-    each {"detail": "..."}, and 503 when the database is unavailable. A route that
-    reads a body (413) answers 408 too, and a 412 names the book's ETag."""
-    if 413 in status_codes:
-        status_codes += (408,)
-    entries: dict[int | str, dict[str, Any]] = {
-        code: {"model": Message} for code in status_codes
-    }
+Answers = dict[int | str, dict[str, Any]]  # a route's answers in the schema
+
+
+def answers(*status_codes: int) -> Answers:
+    """The OpenAPI entries of a route's own error answers, each {"detail": "..."}.
+    A 412 names the book's ETag."""
+    entries: Answers = {code: {"model": Message} for code in status_codes}
     if 412 in entries:
         entries[412]["headers"] = ETAG
-    entries[503] = {
-        "model": Message,
-        "headers": {"Retry-After": header("Seconds to wait", "integer")},
-    }
     return entries
+
+
+UNAVAILABLE = {
+    "model": Message,
+    "headers": {"Retry-After": header("Seconds to wait", "integer")},
+}
 
 
 class ExactJSONRequest(Request):
@@ -789,8 +820,60 @@ class ExactJSONRequest(Request):
         return self._json
 
 
-class ExactJSONRoute(APIRoute):
-    """A route that reads its body with ExactJSONRequest."""
+class ShopRoute(APIRoute):
+    """A route of the shop, which reads its body with ExactJSONRequest.
+
+    An endpoint that takes a session runs as one unit of work (see in_transaction):
+    in a worker thread, with a session from get_session, committed once when the
+    endpoint returns, run again whole after a transient conflict, and answered with
+    503 when the database fails or gives no answer within DB_TIMEOUT. The answers
+    that follow from what a route takes are declared here, once: 503 with a
+    session, 401 with ADMIN (without it, the route is open), and 400, 408 and 413
+    with a body; a route that answers 412 reads If-Match, and 304 If-None-Match.
+    """
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any):
+        takes = signature(endpoint)
+        parameters = takes.parameters.values()
+        own = kwargs["responses"] or {}
+        shared: Answers = {}
+        # A body is a model of what a client sends (a list's query is Annotated).
+        if any(
+            isinstance(p.annotation, type) and issubclass(p.annotation, Input)
+            for p in parameters
+        ):
+            shared |= answers(400, 408, 413)
+        extra = kwargs["openapi_extra"] or {}
+        if ADMIN in kwargs["dependencies"]:
+            shared |= answers(401)
+        else:
+            extra = {"security": []} | extra
+        conditions = [name for code, name in CONDITIONS.items() if code in own]
+        if conditions:
+            headers = reads(*conditions)["parameters"] + extra.get("parameters", [])
+            extra = extra | {"parameters": headers}
+        kwargs["openapi_extra"] = extra or None
+        if "session" in takes.parameters:
+            shared[503] = UNAVAILABLE
+            run, write = endpoint, not set(kwargs["methods"]) <= {"GET", "HEAD"}
+
+            @functools.wraps(run)
+            async def unit_of_work(**values: Any) -> Any:
+                return await in_transaction(run, values, write)
+
+            # FastAPI reads what to pass from this signature: all but the session,
+            # which each attempt gets from get_session.
+            unit_of_work.__signature__ = takes.replace(  # type: ignore[attr-defined]
+                parameters=[p for p in parameters if p.name != "session"]
+            )
+            endpoint = unit_of_work
+        # The route's own success first, then every other answer by its code.
+        success = str(kwargs["status_code"] or 200)
+        responses = sorted(
+            (shared | own).items(), key=lambda e: (str(e[0]) != success, str(e[0]))
+        )
+        kwargs["responses"] = dict(responses)
+        super().__init__(path, endpoint, **kwargs)
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -801,48 +884,27 @@ class ExactJSONRoute(APIRoute):
         return read_exactly
 
 
-def transaction(
-    *, write: bool
-) -> Callable[[Callable[P, T]], Callable[P, Coroutine[Any, Any, T]]]:
-    """Run the endpoint below as one unit of work, which commits once, at its end.
-
-    It runs in a worker thread (database calls block, and in the event loop they
-    would stall every request), is run again whole after a transient conflict, and
-    answers 503 when the database fails or gives no answer within DB_TIMEOUT: see
-    in_transaction. `write`: it changes the database (SQLite writes queue in one
-    thread). Put it under the route's decorator, which must see what it returns.
-    """
-
-    def decorate(endpoint: Callable[P, T]) -> Callable[P, Coroutine[Any, Any, T]]:
-        @functools.wraps(endpoint)  # FastAPI reads the endpoint's own signature
-        async def unit_of_work(*args: P.args, **kwargs: P.kwargs) -> T:
-            return await in_transaction(endpoint, kwargs, write)
-
-        return unit_of_work
-
-    return decorate
-
-
-# Requests read or change the shop through these routers, each with its tag.
-service = APIRouter(tags=["service"], route_class=ExactJSONRoute)
-books = APIRouter(prefix="/books", tags=["books"], route_class=ExactJSONRoute)
+# Every route below runs its endpoint as the unit of work that ShopRoute makes of
+# it: the endpoint works with its session, and its changes are committed once, by
+# UnitOfWork.attempt, when it returns. Each router carries its tag.
+service = APIRouter(tags=["service"], route_class=ShopRoute)
+books = APIRouter(prefix="/books", tags=["books"], route_class=ShopRoute)
 stock = APIRouter(
-    prefix="/books/{book_id}/stock", tags=["stock"], route_class=ExactJSONRoute
+    prefix="/books/{book_id}/stock", tags=["stock"], route_class=ShopRoute
 )
-orders = APIRouter(prefix="/orders", tags=["orders"], route_class=ExactJSONRoute)
+orders = APIRouter(prefix="/orders", tags=["orders"], route_class=ShopRoute)
 
 
 # --- Service ----------------------------------------------------------------------
 
 
-@service.get("/", openapi_extra=OPEN)
+@service.get("/")
 async def read_service_info() -> ServiceInfo:
     """The service's name and version, and where its interactive docs are."""
     return ServiceInfo(name=app.title, version=app.version, docs="/docs")
 
 
-@service.get("/health", responses=answers(), openapi_extra=OPEN)
-@transaction(write=False)
+@service.get("/health")
 def check_health(session: SessionDep) -> HealthStatus:
     """200 after a round trip to the database; 503 when it cannot be reached."""
     session.exec(select(1)).one()
@@ -852,17 +914,22 @@ def check_health(session: SessionDep) -> HealthStatus:
 # --- Books ------------------------------------------------------------------------
 
 
+# A retry with the key of a request made already gets its result back, with 200.
+CREATED_BOOK: Answers = {
+    201: {"headers": LOCATION | ETAG},
+    200: {"model": BookPublic, "description": "A retry", "headers": ETAG},
+}
+KEYED = reads("Idempotency-Key")
+
+
 @books.post(
     "",
     status_code=201,
     response_model=BookPublic,
-    responses=answers(400, 401, 404, 409, 413)
-    | {201: {"headers": LOCATION | ETAG}}
-    | {200: {"model": BookPublic, "description": "A retry", "headers": ETAG}},
+    responses=answers(404, 409) | CREATED_BOOK,
     dependencies=[ADMIN],
-    openapi_extra=reads("Idempotency-Key"),
+    openapi_extra=KEYED,
 )
-@transaction(write=True)
 def create_book(
     book: BookCreate, session: SessionDep, request: Request, response: Response
 ) -> Book | Row[Any]:
@@ -881,13 +948,10 @@ def create_book(
     return send_etag(response, db_book)
 
 
-@books.get(
-    "",
-    response_model=list[BookPublic],
-    responses=answers() | {200: {"headers": TOTAL_COUNT}},
-    openapi_extra=OPEN,
-)
-@transaction(write=False)
+COUNTED: Answers = {200: {"headers": TOTAL_COUNT}}
+
+
+@books.get("", response_model=list[BookPublic], responses=COUNTED)
 def list_books(
     filters: Annotated[BookFilter, Query()], session: SessionDep, response: Response
 ) -> Sequence[Row[Any]]:
@@ -923,13 +987,10 @@ def list_books(
     return found
 
 
-@books.get(
-    "/{book_id}",
-    response_model=BookPublic,
-    responses=answers(404) | {200: {"headers": ETAG}, 304: NOT_MODIFIED},
-    openapi_extra=OPEN | reads("If-None-Match"),
-)
-@transaction(write=False)
+CACHED: Answers = {200: {"headers": ETAG}, 304: NOT_MODIFIED}
+
+
+@books.get("/{book_id}", response_model=BookPublic, responses=answers(404) | CACHED)
 def read_book(
     book_id: PathId, session: SessionDep, request: Request, response: Response
 ) -> Row[Any]:
@@ -937,23 +998,23 @@ def read_book(
     return send_etag(response, read_book_or_404(session, book_id), request)
 
 
+WITH_ETAG: Answers = {200: {"headers": ETAG}}
+
+
 @books.patch(
     "/{book_id}",
     response_model=BookPublic,
-    responses=answers(400, 401, 404, 409, 412, 413) | {200: {"headers": ETAG}},
+    responses=answers(404, 409, 412) | WITH_ETAG,
     dependencies=[ADMIN],
-    openapi_extra=reads("If-Match"),
 )
 @books.put(
     "/{book_id}",
     response_model=BookPublic,
-    responses=answers(400, 401, 404, 409, 412, 413) | {200: {"headers": ETAG}},
+    responses=answers(404, 409, 412) | WITH_ETAG,
     dependencies=[ADMIN],
-    openapi_extra=reads("If-Match"),
     summary="Update Book (PUT, the same as PATCH)",
     operation_id="update_book_with_put",
 )
-@transaction(write=True)
 def update_book(
     book_id: PathId,
     book: BookUpdate,
@@ -975,11 +1036,9 @@ def update_book(
 @books.delete(
     "/{book_id}",
     status_code=204,
-    responses=answers(401, 404, 409, 412),
+    responses=answers(404, 409, 412),
     dependencies=[ADMIN],
-    openapi_extra=reads("If-Match"),
 )
-@transaction(write=True)
 def delete_book(book_id: PathId, session: SessionDep, request: Request) -> None:
     """Delete a book that no order names (order history is never lost)."""
     session.delete(lock_book(session, book_id, request))
@@ -1119,13 +1178,7 @@ def idempotency_key_error(message: str) -> RequestValidationError:
 # --- Stock ------------------------------------------------------------------------
 
 
-@stock.get(
-    "",
-    response_model=StockPublic,
-    responses=answers(404) | {200: {"headers": ETAG}, 304: NOT_MODIFIED},
-    openapi_extra=OPEN | reads("If-None-Match"),
-)
-@transaction(write=False)
+@stock.get("", response_model=StockPublic, responses=answers(404) | CACHED)
 def read_stock(
     book_id: PathId, session: SessionDep, request: Request, response: Response
 ) -> StockPublic:
@@ -1137,11 +1190,10 @@ def read_stock(
 @stock.post(
     "",
     response_model=StockPublic,
-    responses=answers(400, 401, 404, 409, 412, 413) | {200: {"headers": ETAG}},
+    responses=answers(404, 409, 412) | WITH_ETAG,
     dependencies=[ADMIN],
-    openapi_extra=reads("If-Match", "Idempotency-Key"),
+    openapi_extra=KEYED,
 )
-@transaction(write=True)
 def change_stock(
     book_id: PathId,
     change: StockChange,
@@ -1182,16 +1234,19 @@ def change_stock(
 # --- Orders -----------------------------------------------------------------------
 
 
+PLACED_ORDER: Answers = {
+    201: {"headers": LOCATION},
+    200: {"model": OrderPublic, "description": "A retry"},
+}
+
+
 @orders.post(
     "",
     status_code=201,
     response_model=OrderPublic,
-    responses=answers(400, 404, 409, 413)
-    | {201: {"headers": LOCATION}}
-    | {200: {"model": OrderPublic, "description": "A retry"}},
-    openapi_extra=OPEN | reads("Idempotency-Key"),
+    responses=answers(404, 409) | PLACED_ORDER,
+    openapi_extra=KEYED,
 )
-@transaction(write=True)
 def place_order(
     order_in: OrderCreate, session: SessionDep, request: Request, response: Response
 ) -> Order:
@@ -1240,12 +1295,8 @@ def place_order(
 
 
 @orders.get(
-    "",
-    response_model=list[OrderPublic],
-    responses=answers(401) | {200: {"headers": TOTAL_COUNT}},
-    dependencies=[ADMIN],
+    "", response_model=list[OrderPublic], responses=COUNTED, dependencies=[ADMIN]
 )
-@transaction(write=False)
 def list_orders(
     filters: Annotated[OrderFilter, Query()], session: SessionDep, response: Response
 ) -> Sequence[Order]:
@@ -1267,10 +1318,9 @@ def list_orders(
 @orders.get(
     "/{order_id}",
     response_model=OrderPublic,
-    responses=answers(401, 404),
+    responses=answers(404),
     dependencies=[ADMIN],
 )
-@transaction(write=False)
 def read_order(order_id: PathId, session: SessionDep) -> Order:
     """One order, with its items."""
     return read_order_or_404(session, order_id)
@@ -1279,10 +1329,9 @@ def read_order(order_id: PathId, session: SessionDep) -> Order:
 @orders.patch(
     "/{order_id}/status",
     response_model=OrderPublic,
-    responses=answers(400, 401, 404, 409, 413),
+    responses=answers(404, 409),
     dependencies=[ADMIN],
 )
-@transaction(write=True)
 def change_order_status(
     order_id: PathId, change: StatusChange, session: SessionDep
 ) -> Order:
@@ -1293,10 +1342,9 @@ def change_order_status(
 @orders.delete(
     "/{order_id}",
     response_model=OrderPublic,
-    responses=answers(401, 404, 409),
+    responses=answers(404, 409),
     dependencies=[ADMIN],
 )
-@transaction(write=True)
 def cancel_order(order_id: PathId, session: SessionDep) -> Order:
     """Cancel the order and put its stock back; an order already cancelled stays
     as it is."""
@@ -1408,30 +1456,31 @@ class UnitOfWork:
     forgotten before the connection goes back to the pool.
     """
 
-    def __init__(self, session: Session, write: bool):
-        self.session = session
-        self.engine = session.get_bind().engine
+    def __init__(self, write: bool):
         self.write = write
         self.lock = threading.Lock()
         self.answered = False  # the client has its 503: start nothing, commit nothing
         self.committing = False
         self.socket: socket.socket | None = None
 
-    def attempt(self, endpoint: Callable[..., T], kwargs: dict[str, Any]) -> T:
-        """Run endpoint(**kwargs) and commit, on a connection of this attempt's own,
-        in a worker thread. Every way the transaction ends, the rollback and the
-        connection's return included, is inside the mapping of errors below."""
-        with self.lock:  # waited for a thread past its deadline: touch nothing
-            self.stop_if_answered()
-        session = self.session
+    def attempt(
+        self, endpoint: Callable[..., T], kwargs: dict[str, Any], sessions: ExitStack
+    ) -> T:
+        """Run endpoint(**kwargs) and commit, in a worker thread, on a connection of
+        this attempt's own; `sessions` ends get_session's block, closing the session.
+        Every way the transaction ends, the rollback and the connection's return
+        included, is inside the mapping of errors below."""
+        session: Session = kwargs["session"]
         committing = False
         try:
-            with self.engine.connect() as connection:
+            with self.lock:  # waited for a thread past its deadline: touch nothing
+                self.stop_if_answered()
+            with sessions, session.get_bind().engine.connect() as connection:
                 try:
                     self.watch(connection)
                     if not self.write:  # see begin_transaction
                         connection.execution_options(reads_only=True)
-                    session.bind = connection
+                    session.bind = connection  # the watched one, not one of its own
                     result = endpoint(**kwargs)
                     with self.lock:
                         self.stop_if_answered()
@@ -1500,58 +1549,76 @@ def roll_back(session: Session) -> None:
 
 
 async def in_transaction(
-    endpoint: Callable[..., T], kwargs: dict[str, Any], write: bool
+    endpoint: Callable[..., T], values: dict[str, Any], write: bool
 ) -> T:
-    """Run endpoint(**kwargs) in a worker thread, as one transaction: see transaction.
+    """Run endpoint(**values) in a worker thread, as one transaction: see ShopRoute.
 
     One hop to a thread per attempt: validation and JSON stay in the event loop,
-    where they cost no hop. A transient conflict gives its thread back and runs
-    again after a short random pause, as if for the first time: the headers and
-    status an attempt set are forgotten. The answer comes within DB_TIMEOUT,
-    whatever the database does: an attempt still running then (connecting, or
-    waiting for a thread) is left to fail on its own, and can no longer commit. One
-    already committing is waited for COMMIT_GRACE more, so that its client learns
-    what happened; past that, nobody knows, and the 503 says so.
+    where they cost no hop. Each attempt has a session of its own, from get_session
+    (or its override), and a Response of its own if the endpoint takes one: a
+    transient conflict gives its thread back and runs the endpoint again after a
+    short random pause, as if for the first time, and only the attempt that
+    succeeds sets the answer's status and headers. The answer comes within
+    DB_TIMEOUT, whatever the database does: an attempt still running then
+    (connecting, or waiting for a thread) is left to fail on its own, and can no
+    longer commit. One already committing is waited for COMMIT_GRACE more, so that
+    its client learns what happened; past that, nobody knows, and the 503 says so.
     """
-    unit = UnitOfWork(kwargs["session"], write)
-    dialect = unit.engine.dialect.name
-    if dialect == "sqlite" and (write or isinstance(unit.engine.pool, StaticPool)):
-        threads = sqlite_writer
-    else:
-        threads = writer_threads if write else reader_threads
-    responses = [
-        (response, response.status_code, list(response.raw_headers))
-        for response in kwargs.values()
-        if isinstance(response, Response)
-    ]
+    open_session = contextmanager(
+        app.dependency_overrides.get(get_session, get_session)
+    )
+    response: Response | None = values.get("response")
+    unit = UnitOfWork(write)
     loop = asyncio.get_running_loop()
     attempts = 0
     try:
         async with asyncio.timeout(DB_TIMEOUT):
             while True:
                 attempts += 1
-                running = loop.run_in_executor(threads, unit.attempt, endpoint, kwargs)
+                sessions = ExitStack()  # making a session takes no I/O
+                session = sessions.enter_context(open_session())
+                kwargs = values | {"session": session}
+                if response is not None:  # as FastAPI makes it: no status, no headers
+                    kwargs["response"] = own = Response()
+                    del own.headers["content-length"]
+                    own.status_code = None  # type: ignore[assignment]
+                engine = session.get_bind().engine
+                if engine.dialect.name == "sqlite" and (
+                    write or isinstance(engine.pool, StaticPool)
+                ):
+                    threads = sqlite_writer
+                else:
+                    threads = writer_threads if write else reader_threads
+                args = endpoint, kwargs, sessions
+                running = loop.run_in_executor(threads, unit.attempt, *args)
                 try:
-                    return await asyncio.shield(running)
+                    result = await asyncio.shield(running)
+                    break
                 except Conflict:
                     pause = min(0.5, 0.02 * 2**attempts)
                     await asyncio.sleep(random.uniform(0, pause))  # noqa: S311 (jitter)
-                    for response, status_code, headers in responses:
-                        # Starlette's response.headers reads raw_headers.
-                        response.status_code = status_code
-                        response.raw_headers[:] = headers
     except TimeoutError:
-        pass
-    # Whatever the attempt still running does now, nobody waits for it.
-    running.add_done_callback(forget_outcome)
-    with unit.lock:
-        committing = unit.committing
-        unit.answered = True  # from now on, no attempt starts or commits
-    if committing:
-        with suppress(TimeoutError):
-            return await asyncio.wait_for(asyncio.shield(running), COMMIT_GRACE)
-    unit.cut_off()
-    raise DatabaseUnavailable(f"no answer within {DB_TIMEOUT} s", committing)
+        # Whatever the attempt still running does now, nobody waits for it.
+        running.add_done_callback(forget_outcome)
+        with unit.lock:
+            committing = unit.committing
+            unit.answered = True  # from now on, no attempt starts or commits
+        try:
+            if not committing:
+                raise
+            result = await asyncio.wait_for(asyncio.shield(running), COMMIT_GRACE)
+        except (TimeoutError, Conflict):  # a commit refused is a commit not made
+            unit.cut_off()
+            lost = committing and not running.done()
+            raise DatabaseUnavailable(
+                f"no answer within {DB_TIMEOUT} s", lost
+            ) from None
+    if response is not None:
+        if own.status_code:
+            response.status_code = own.status_code
+        for name, value in own.headers.items():
+            response.headers.append(name, value)
+    return result
 
 
 def forget_outcome(attempt: asyncio.Future[Any]) -> None:
