@@ -3,11 +3,12 @@
 Run it with `uvicorn main:app` and open http://127.0.0.1:8000/docs.
 README.md walks through this file from top to bottom:
 
-- the shop: settings, field types, the tables and their classes, the app and one
-  function per endpoint (service, books, stock, orders);
-- what keeps it running: the unit of work (threads, retries, timeouts, 503), the
-  engine, start-up, the middleware and the error handlers;
-- what keeps it fast: statements built once, and each database's own indexes.
+- the shop: settings, field types, the tables and their classes, the app, its
+  routers and one function per endpoint (service, books, stock, orders), each
+  statement it runs beside it;
+- what keeps it running, which a first reading may skip: the unit of work
+  (threads, one commit, retries, timeouts, 503), the engine and start-up, the
+  middleware and the error handlers, and each database's search indexes.
 """
 
 import asyncio
@@ -300,7 +301,7 @@ def check_money(value: object) -> object:
 
 
 # The bounds before the BeforeValidator: pydantic checks them in its compiled core;
-# after it, in Python, where a page of books takes 5% more instructions.
+# after it, in Python, where every price of a page would cost more.
 Price = Annotated[
     Amount,
     Field(ge=0, lt=100_000_000, decimal_places=2),
@@ -380,7 +381,7 @@ class Book(BookBase, table=True):
     author_folded: str | None = Field(default=None, sa_type=ExactText(400))
     # The book's ETag: 1 when it is added, and every UPDATE of the book adds 1 in
     # the database. (SQLAlchemy's version_id_col would count too, but it has every
-    # INSERT ask the database for the version back: 10% fewer creates a second.)
+    # INSERT ask the database for the version back, a round trip per create.)
     version: int = Field(default=1, sa_column_kwargs={"server_default": "1"})
 
 
@@ -757,7 +758,7 @@ NOT_MODIFIED = {
 # Request headers: conditions on the book's ETag (RFC 9110 §13), and the key that
 # makes a retry safe. Endpoints read them from the request, and routes declare them
 # in the schema (reads): as Header parameters, FastAPI would check each of them on
-# every request, 20 µs apiece, 6% of a GET /books/{id} (measured A/B).
+# every request, which costs a read of a book more than it is worth.
 # An Idempotency-Key: 1 to 255 printable ASCII characters (checked in claim_key).
 KEY_PATTERN = r"^[\x20-\x7e]{1,255}$"
 CONDITIONS = {412: "If-Match", 304: "If-None-Match"}
@@ -987,6 +988,68 @@ def list_books(
     return found
 
 
+def like_pattern(text: str) -> str:
+    """A LIKE pattern (ESCAPE '/') that finds `text` anywhere; % and _ are plain."""
+    return "%" + text.replace("/", "//").replace("%", "/%").replace("_", "/_") + "%"
+
+
+# The filters of a list of books, each a condition on a parameter of its own name.
+# Like BOOK_BY_ID, the statements are built once (for each combination of filters
+# and sort, by book_queries) and run with the values of each request.
+BOOK_CONDITIONS = {
+    "q": col(Book.title_folded).like(bindparam("q"), escape="/")
+    | col(Book.author_folded).like(bindparam("q"), escape="/"),
+    # On SQLite, a q of 3 or more characters, looked up in book_search instead.
+    "phrase": col(Book.id).in_(
+        sql_text(
+            "SELECT rowid FROM book_search WHERE book_search MATCH :phrase"
+        ).columns(column("rowid"))
+    ),
+    "author": col(Book.author_folded).like(bindparam("author"), escape="/"),
+    "in_stock": (col(Book.stock) > 0) == bindparam("in_stock"),
+    "min_price": col(Book.price) >= bindparam("min_price"),
+    "max_price": col(Book.price) <= bindparam("max_price"),
+    "year": col(Book.year) == bindparam("year"),
+}
+
+
+@cache
+def book_queries(
+    filters: frozenset[str], sort: str
+) -> tuple[SelectOfScalar[int], SelectOfScalar[int] | None, SelectOfScalar[Book]]:
+    """Statements that count the books matching `filters` (all of them, and, in id
+    order only, those from the id `first` on), and read a page of them."""
+    conditions = [BOOK_CONDITIONS[name] for name in BOOK_CONDITIONS if name in filters]
+    count = select(func.count()).select_from(Book).where(*conditions)
+    sort_field = sort.lstrip("-")
+    if sort_field in ("title", "author"):  # by the folded text: the same everywhere
+        field: ColumnElement[Any] = getattr(Book, f"{sort_field}_folded")
+    else:
+        field = getattr(Book, sort_field)
+    descending = sort.startswith("-")
+    order_by = [field.desc() if descending else field.asc()]
+    count_from = None
+    if sort_field == "id":  # the books from a page's first one on: a range of ids
+        first = bindparam("first", type_=Integer())
+        from_first = col(Book.id) <= first if descending else col(Book.id) >= first
+        count_from = count.where(from_first)
+    else:  # ties are broken by id, in the same direction: pages never overlap
+        order_by.append(col(Book.id).desc() if descending else col(Book.id).asc())
+    # The page's ids first, then their rows: skipping 90,000 books is cheap in the
+    # index of ids and slow in the table, whose rows are large.
+    ids_in_order = select(Book.id).where(*conditions).order_by(*order_by)
+    if not conditions and sort_field == "id":
+        # Told nothing, MariaDB steps over the books in its primary key, which holds
+        # whole rows: slower than its index of ids.
+        for dialect in ("mysql", "mariadb"):
+            ids_in_order = ids_in_order.with_hint(
+                Book, "FORCE INDEX (ix_book_id)", dialect
+            )
+    ids = ids_in_order.offset(bindparam("offset")).limit(bindparam("limit")).subquery()
+    page = select(Book).join(ids, col(Book.id) == ids.c.id)
+    return count, count_from, page.order_by(*order_by)
+
+
 CACHED: Answers = {200: {"headers": ETAG}, 304: NOT_MODIFIED}
 
 
@@ -1057,6 +1120,12 @@ def book_not_found(book_id: int) -> HTTPException:
     return HTTPException(404, f"Book {book_id} not found")
 
 
+# Built once, with the id as a parameter: building a statement takes SQLAlchemy
+# longer than SQLite takes to run it. Every statement an endpoint runs on each
+# request is built once, as this one is.
+BOOK_BY_ID = select(Book).where(col(Book.id) == bindparam("id"))
+
+
 def read_book_or_404(session: Session, book_id: int) -> Row[Any]:
     """The book as a row: run on the connection, a select gives plain rows, not
     the objects a session builds and tracks. Less work, and FastAPI reads the
@@ -1065,6 +1134,18 @@ def read_book_or_404(session: Session, book_id: int) -> Row[Any]:
     if row is None:
         raise book_not_found(book_id)
     return row
+
+
+# The book's row, locked until the commit (lock_book). MariaDB's UPDATEs of a book
+# go through its index of ids, then its row: a lock taken through the primary key
+# first, as MariaDB would, is taken in the other order, and two requests deadlock.
+BOOK_FOR_UPDATE = (
+    select(Book)
+    .where(col(Book.id) == bindparam("id"))
+    .with_for_update()
+    .with_hint(Book, "FORCE INDEX (ix_book_id)", "mysql")
+    .with_hint(Book, "FORCE INDEX (ix_book_id)", "mariadb")
+)
 
 
 def lock_book(session: Session, book_id: int, request: Request) -> Book:
@@ -1292,6 +1373,24 @@ def place_order(
         key.result_id = order.id
     response.headers["Location"] = f"/orders/{order.id}"
     return order
+
+
+# Copies are taken in one statement that checks and
+# changes the stock together: two orders for the last copy cannot both get it.
+TAKE_COPIES = (
+    update(Book)
+    .where(
+        col(Book.id) == bindparam("book_id"), col(Book.stock) >= bindparam("quantity")
+    )
+    .values(
+        stock=col(Book.stock) - bindparam("quantity"),
+        version=col(Book.version) + 1,
+        updated_at=bindparam("now"),
+    )
+)
+TITLES_AND_PRICES = select(col(Book.id), col(Book.title), col(Book.price)).where(
+    col(Book.id).in_(bindparam("ids", expanding=True))
+)
 
 
 @orders.get(
@@ -2117,104 +2216,7 @@ async def method_not_allowed(request: Request, exc: HTTPException) -> JSONRespon
     return JSONResponse({"detail": exc.detail}, 405, headers={"Allow": allow})
 
 
-# --- What keeps it fast: statements built once, each database's indexes ------------
-
-
-# Built once, with the id as a parameter: building a statement takes SQLAlchemy
-# longer than SQLite takes to run it (GET /books/{id}: +41%, see README).
-BOOK_BY_ID = select(Book).where(col(Book.id) == bindparam("id"))
-
-
-# The book's row, locked until the commit (lock_book). MariaDB's UPDATEs of a book
-# go through its index of ids, then its row: a lock taken through the primary key
-# first, as MariaDB would, is taken in the other order, and two requests deadlock.
-BOOK_FOR_UPDATE = (
-    select(Book)
-    .where(col(Book.id) == bindparam("id"))
-    .with_for_update()
-    .with_hint(Book, "FORCE INDEX (ix_book_id)", "mysql")
-    .with_hint(Book, "FORCE INDEX (ix_book_id)", "mariadb")
-)
-
-
-def like_pattern(text: str) -> str:
-    """A LIKE pattern (ESCAPE '/') that finds `text` anywhere; % and _ are plain."""
-    return "%" + text.replace("/", "//").replace("%", "/%").replace("_", "/_") + "%"
-
-
-# The filters of a list of books, each a condition on a parameter of its own name.
-# Like BOOK_BY_ID, the statements are built once (for each combination of filters
-# and sort, by book_queries) and run with the values of each request.
-BOOK_CONDITIONS = {
-    "q": col(Book.title_folded).like(bindparam("q"), escape="/")
-    | col(Book.author_folded).like(bindparam("q"), escape="/"),
-    # On SQLite, a q of 3 or more characters, looked up in book_search instead.
-    "phrase": col(Book.id).in_(
-        sql_text(
-            "SELECT rowid FROM book_search WHERE book_search MATCH :phrase"
-        ).columns(column("rowid"))
-    ),
-    "author": col(Book.author_folded).like(bindparam("author"), escape="/"),
-    "in_stock": (col(Book.stock) > 0) == bindparam("in_stock"),
-    "min_price": col(Book.price) >= bindparam("min_price"),
-    "max_price": col(Book.price) <= bindparam("max_price"),
-    "year": col(Book.year) == bindparam("year"),
-}
-
-
-@cache
-def book_queries(
-    filters: frozenset[str], sort: str
-) -> tuple[SelectOfScalar[int], SelectOfScalar[int] | None, SelectOfScalar[Book]]:
-    """Statements that count the books matching `filters` (all of them, and, in id
-    order only, those from the id `first` on), and read a page of them."""
-    conditions = [BOOK_CONDITIONS[name] for name in BOOK_CONDITIONS if name in filters]
-    count = select(func.count()).select_from(Book).where(*conditions)
-    sort_field = sort.lstrip("-")
-    if sort_field in ("title", "author"):  # by the folded text: the same everywhere
-        field: ColumnElement[Any] = getattr(Book, f"{sort_field}_folded")
-    else:
-        field = getattr(Book, sort_field)
-    descending = sort.startswith("-")
-    order_by = [field.desc() if descending else field.asc()]
-    count_from = None
-    if sort_field == "id":  # the books from a page's first one on: a range of ids
-        first = bindparam("first", type_=Integer())
-        from_first = col(Book.id) <= first if descending else col(Book.id) >= first
-        count_from = count.where(from_first)
-    else:  # ties are broken by id, in the same direction: pages never overlap
-        order_by.append(col(Book.id).desc() if descending else col(Book.id).asc())
-    # The page's ids first, then their rows: skipping 90,000 books is cheap in the
-    # index of ids and slow in the table, whose rows are large.
-    ids_in_order = select(Book.id).where(*conditions).order_by(*order_by)
-    if not conditions and sort_field == "id":
-        # Told nothing, MariaDB steps over the books in its primary key, which holds
-        # whole rows: twice as slow as its index of ids.
-        for dialect in ("mysql", "mariadb"):
-            ids_in_order = ids_in_order.with_hint(
-                Book, "FORCE INDEX (ix_book_id)", dialect
-            )
-    ids = ids_in_order.offset(bindparam("offset")).limit(bindparam("limit")).subquery()
-    page = select(Book).join(ids, col(Book.id) == ids.c.id)
-    return count, count_from, page.order_by(*order_by)
-
-
-# Built once, like BOOK_BY_ID. Copies are taken in one statement that checks and
-# changes the stock together: two orders for the last copy cannot both get it.
-TAKE_COPIES = (
-    update(Book)
-    .where(
-        col(Book.id) == bindparam("book_id"), col(Book.stock) >= bindparam("quantity")
-    )
-    .values(
-        stock=col(Book.stock) - bindparam("quantity"),
-        version=col(Book.version) + 1,
-        updated_at=bindparam("now"),
-    )
-)
-TITLES_AND_PRICES = select(col(Book.id), col(Book.title), col(Book.price)).where(
-    col(Book.id).in_(bindparam("ids", expanding=True))
-)
+# --- What keeps it running: each database's search indexes and what they replace --
 
 
 # On SQLite, a trigram index of the folded titles and authors (FTS5), kept current
