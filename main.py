@@ -761,7 +761,6 @@ NOT_MODIFIED = {
 # every request, which costs a read of a book more than it is worth.
 # An Idempotency-Key: 1 to 255 printable ASCII characters (checked in claim_key).
 KEY_PATTERN = r"^[\x20-\x7e]{1,255}$"
-CONDITIONS = {412: "If-Match", 304: "If-None-Match"}
 REQUEST_HEADERS: dict[str, dict[str, Any]] = {
     "If-Match": {"description": "ETags, or *: unless the book's is one of them, 412"},
     "If-None-Match": {"description": "ETags, or *: if the book's is one, 304"},
@@ -819,6 +818,11 @@ class ExactJSONRequest(Request):
             # would read a Decimal as an object, with none of BookUpdate's fields.
             self._json = float(value) if isinstance(value, Decimal) else value
         return self._json
+
+
+# A route that can answer 412 reads If-Match, and one that can answer 304
+# If-None-Match: ShopRoute declares them.
+CONDITIONS = {412: "If-Match", 304: "If-None-Match"}
 
 
 class ShopRoute(APIRoute):
@@ -994,8 +998,8 @@ def like_pattern(text: str) -> str:
 
 
 # The filters of a list of books, each a condition on a parameter of its own name.
-# Like BOOK_BY_ID, the statements are built once (for each combination of filters
-# and sort, by book_queries) and run with the values of each request.
+# Like every statement an endpoint runs, these are built once (for each combination
+# of filters and sort, by book_queries) and run with the values of each request.
 BOOK_CONDITIONS = {
     "q": col(Book.title_folded).like(bindparam("q"), escape="/")
     | col(Book.author_folded).like(bindparam("q"), escape="/"),
