@@ -23,9 +23,16 @@ import secrets
 import signal
 import socket
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Generator,
+    Iterator,
+    Sequence,
+)
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, asynccontextmanager, contextmanager, suppress
+from contextlib import asynccontextmanager, closing, suppress
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
@@ -1567,10 +1574,13 @@ class UnitOfWork:
         self.socket: socket.socket | None = None
 
     def attempt(
-        self, endpoint: Callable[..., T], kwargs: dict[str, Any], sessions: ExitStack
+        self,
+        endpoint: Callable[..., T],
+        kwargs: dict[str, Any],
+        sessions: Generator[Session, None, None],
     ) -> T:
         """Run endpoint(**kwargs) and commit, in a worker thread, on a connection of
-        this attempt's own; `sessions` ends get_session's block, closing the session.
+        this attempt's own; closing `sessions` ends get_session's block.
         Every way the transaction ends, the rollback and the connection's return
         included, is inside the mapping of errors below."""
         session: Session = kwargs["session"]
@@ -1578,7 +1588,7 @@ class UnitOfWork:
         try:
             with self.lock:  # waited for a thread past its deadline: touch nothing
                 self.stop_if_answered()
-            with sessions, session.get_bind().engine.connect() as connection:
+            with closing(sessions), session.get_bind().engine.connect() as connection:
                 try:
                     self.watch(connection)
                     if not self.write:  # see begin_transaction
@@ -1658,18 +1668,15 @@ async def in_transaction(
 
     One hop to a thread per attempt: validation and JSON stay in the event loop,
     where they cost no hop. Each attempt has a session of its own, from get_session
-    (or its override), and a Response of its own if the endpoint takes one: a
-    transient conflict gives its thread back and runs the endpoint again after a
-    short random pause, as if for the first time, and only the attempt that
-    succeeds sets the answer's status and headers. The answer comes within
+    (or its override): a transient conflict gives its thread back and runs the
+    endpoint again after a short random pause, as if for the first time, the
+    status and headers of the answer as FastAPI made them. The answer comes within
     DB_TIMEOUT, whatever the database does: an attempt still running then
     (connecting, or waiting for a thread) is left to fail on its own, and can no
     longer commit. One already committing is waited for COMMIT_GRACE more, so that
     its client learns what happened; past that, nobody knows, and the 503 says so.
     """
-    open_session = contextmanager(
-        app.dependency_overrides.get(get_session, get_session)
-    )
+    make_sessions = app.dependency_overrides.get(get_session, get_session)
     response: Response | None = values.get("response")
     unit = UnitOfWork(write)
     loop = asyncio.get_running_loop()
@@ -1678,13 +1685,10 @@ async def in_transaction(
         async with asyncio.timeout(DB_TIMEOUT):
             while True:
                 attempts += 1
-                sessions = ExitStack()  # making a session takes no I/O
-                session = sessions.enter_context(open_session())
+                # get_session, up to its yield: making a session takes no I/O.
+                sessions = make_sessions()
+                session = next(sessions)
                 kwargs = values | {"session": session}
-                if response is not None:  # as FastAPI makes it: no status, no headers
-                    kwargs["response"] = own = Response()
-                    del own.headers["content-length"]
-                    own.status_code = None  # type: ignore[assignment]
                 engine = session.get_bind().engine
                 if engine.dialect.name == "sqlite" and (
                     write or isinstance(engine.pool, StaticPool)
@@ -1698,6 +1702,12 @@ async def in_transaction(
                     result = await asyncio.shield(running)
                     break
                 except Conflict:
+                    if (
+                        response is not None
+                    ):  # as FastAPI made it: no status, no headers
+                        response.status_code = None  # type: ignore[assignment]
+                        for name in set(response.headers.keys()):
+                            del response.headers[name]
                     pause = min(0.5, 0.02 * 2**attempts)
                     await asyncio.sleep(random.uniform(0, pause))  # noqa: S311 (jitter)
     except TimeoutError:
@@ -1716,11 +1726,6 @@ async def in_transaction(
             raise DatabaseUnavailable(
                 f"no answer within {DB_TIMEOUT} s", lost
             ) from None
-    if response is not None:
-        if own.status_code:
-            response.status_code = own.status_code
-        for name, value in own.headers.items():
-            response.headers.append(name, value)
     return result
 
 
