@@ -33,7 +33,7 @@ from collections.abc import (
 )
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, closing, suppress
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
 from functools import cache
@@ -132,15 +132,21 @@ if ADMIN_TOKEN is not None and not re.fullmatch(r"[\x21-\x7e]+", ADMIN_TOKEN):
     raise SystemExit(3)
 
 
-def seconds(name: str, default: str) -> float:
-    """A setting in seconds: a positive number, or the service does not start."""
+def seconds(name: str, default: str, zero: str = "") -> float:
+    """A setting in seconds: a positive number (or 0, if `zero` says what it
+    means), or the service does not start."""
     try:
         value = float(os.environ.get(name, default))
     except ValueError:
         value = float("nan")
-    if not 0 < value < float("inf"):  # nan compares false too
+    if not (0 < value < float("inf") or (zero and value == 0)):  # nan: false too
         text = os.environ[name]
-        log.critical("%s must be a positive number of seconds, not %r", name, text)
+        kind = (
+            f"a positive number of seconds, or 0 for {zero}"
+            if zero
+            else ("a positive number of seconds")
+        )
+        log.critical("%s must be %s, not %r", name, kind, text)
         raise SystemExit(3)  # uvicorn's "failed to start": its other workers stop too
     return value
 
@@ -149,6 +155,8 @@ def seconds(name: str, default: str) -> float:
 DB_TIMEOUT = seconds("DB_TIMEOUT", "10")
 # Seconds a request's body may take to arrive: a slower one is a 408.
 BODY_TIMEOUT = seconds("BODY_TIMEOUT", "30")
+# Seconds an order stays pending, its copies held, before the service cancels it.
+ORDER_HOLD_SECONDS = seconds("ORDER_HOLD_SECONDS", "3600", zero="never")
 # A lock is waited for briefly: a transaction that does not get it gives its thread
 # back, and runs again after a pause, until DB_TIMEOUT. A commit still under way at
 # DB_TIMEOUT is waited for a third of it more, so that its client learns the outcome.
@@ -557,6 +565,9 @@ class Order(OrderBase, table=True):
         default_factory=utcnow, sa_type=UTCDateTime, index=True
     )
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    # The customer's key to this order (see order_access); none in an order that an
+    # earlier version placed.
+    token: str | None = Field(default=None, sa_type=ExactText(43))
     # selectin: the items of a whole page of orders come in one more query, not
     # one per order.
     items: list[OrderItem] = Relationship(
@@ -595,6 +606,16 @@ class OrderPublic(OrderBase):
     total: Amount
     created_at: datetime
     updated_at: datetime
+
+
+class OrderPlaced(OrderPublic):
+    """The answer to POST /orders: the order, and its own token."""
+
+    token: str | None = Field(
+        description="Opens this order (Authorization: Bearer <token>) for the"
+        " customer who placed it: GET and DELETE /orders/{id}. Null for an order"
+        " placed by an earlier version of the service",
+    )
 
 
 class StatusChange(Input):
@@ -692,13 +713,13 @@ SessionDep = Annotated[Session, Depends(get_session)]
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    await start_up()  # the tables, made or brought up to date
     if ADMIN_TOKEN is None:
         log.warning(
             "BOOKSTORE_ADMIN_TOKEN is not set: anyone may change the catalogue "
             "and orders (demo mode)"
         )
-    yield
+    async with start_up():  # the tables up to date; abandoned orders given back
+        yield
     # Requests in flight have finished. Closing the connections makes SQLite fold
     # its write-ahead log into the database file, which then holds every change.
     engine.dispose()
@@ -728,25 +749,56 @@ app = FastAPI(
 bearer = HTTPBearer(
     auto_error=False, description="The BOOKSTORE_ADMIN_TOKEN of the service"
 )
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 
 
-async def require_admin(
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-) -> None:
-    """Let the request through if the service has no admin token, or was sent it."""
+def is_admin(credentials: HTTPAuthorizationCredentials | None) -> bool:
+    """Whether the service has no admin token (demo mode), or was sent it."""
     if ADMIN_TOKEN is None:
-        return
+        return True
     token = credentials.credentials if credentials else ""
     # compare_digest takes as long for a wrong first character as for a wrong last one.
-    if not secrets.compare_digest(token.encode(), ADMIN_TOKEN.encode()):
-        raise HTTPException(
-            401, "Missing or wrong admin token", headers={"WWW-Authenticate": "Bearer"}
-        )
+    return secrets.compare_digest(token.encode(), ADMIN_TOKEN.encode())
+
+
+def unauthorized() -> HTTPException:
+    return HTTPException(
+        401, "Missing or wrong admin token", headers={"WWW-Authenticate": "Bearer"}
+    )
+
+
+async def require_admin(credentials: Credentials) -> None:
+    """Let the request through if the service has no admin token, or was sent it."""
+    if not is_admin(credentials):
+        raise unauthorized()
 
 
 # Routes that change the catalogue or touch orders are the shop's, not the
 # customers': they depend on ADMIN. The others are open, also in the schema.
 ADMIN = Depends(require_admin)
+
+# An order's own token opens that order to the customer who placed it.
+order_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="OrderToken",
+    description="An order's own token, from the answer to POST /orders",
+)
+
+
+async def order_access(
+    credentials: Credentials,
+    _: Annotated[HTTPAuthorizationCredentials | None, Depends(order_bearer)],
+) -> str | None:
+    """Who opens an order: the admin (None), or a customer with the token the order
+    must have (check_order_token). Without a token, 401."""
+    if is_admin(credentials):
+        return None
+    if credentials is None:
+        raise unauthorized()
+    return credentials.credentials
+
+
+OrderAccess = Annotated[str | None, Depends(order_access)]
 
 
 def header(description: str, kind: str = "string") -> dict[str, Any]:
@@ -840,23 +892,22 @@ class ShopRoute(APIRoute):
     endpoint returns, run again whole after a transient conflict, and answered with
     503 when the database fails or gives no answer within DB_TIMEOUT. The answers
     that follow from what a route takes are declared here, once: 503 with a
-    session, 401 with ADMIN (without it, the route is open), and 400, 408 and 413
-    with a body; a route that answers 412 reads If-Match, and 304 If-None-Match.
+    session, 401 with ADMIN or OrderAccess (without them, the route is open), 400,
+    408 and 413 with a body; a route that answers 412 reads If-Match, and one that
+    answers 304 If-None-Match.
     """
 
     def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any):
         takes = signature(endpoint)
         parameters = takes.parameters.values()
+        annotations = [p.annotation for p in parameters]
         own = kwargs["responses"] or {}
         shared: Answers = {}
         # A body is a model of what a client sends (a list's query is Annotated).
-        if any(
-            isinstance(p.annotation, type) and issubclass(p.annotation, Input)
-            for p in parameters
-        ):
+        if any(isinstance(a, type) and issubclass(a, Input) for a in annotations):
             shared |= answers(400, 408, 413)
         extra = kwargs["openapi_extra"] or {}
-        if ADMIN in kwargs["dependencies"]:
+        if ADMIN in kwargs["dependencies"] or OrderAccess in annotations:
             shared |= answers(401)
         else:
             extra = {"security": []} | extra
@@ -1328,14 +1379,14 @@ def change_stock(
 
 PLACED_ORDER: Answers = {
     201: {"headers": LOCATION},
-    200: {"model": OrderPublic, "description": "A retry"},
+    200: {"model": OrderPlaced, "description": "A retry"},
 }
 
 
 @orders.post(
     "",
     status_code=201,
-    response_model=OrderPublic,
+    response_model=OrderPlaced,
     responses=answers(404, 409) | PLACED_ORDER,
     openapi_extra=KEYED,
 )
@@ -1343,14 +1394,19 @@ def place_order(
     order_in: OrderCreate, session: SessionDep, request: Request, response: Response
 ) -> Order:
     """Take the copies and record the order, all or nothing; a retry with the same
-    Idempotency-Key gets the same order back (200)."""
+    Idempotency-Key gets the same order back (200). The answer carries the order's
+    own token, which opens it to the customer (GET and DELETE /orders/{id})."""
     key = claim_key(session, "place_order", request, order_in.model_dump_json())
     if key and key.result_id:  # a retry
         response.status_code = 200
         return read_order_or_404(session, key.result_id)
     now = utcnow()
     order = Order(
-        customer=order_in.customer, total=Decimal(0), created_at=now, updated_at=now
+        customer=order_in.customer,
+        total=Decimal(0),
+        created_at=now,
+        updated_at=now,
+        token=secrets.token_urlsafe(16),  # 128 random bits
     )
     session.add(order)
     session.flush()  # the order gets its id, for its Location and its key
@@ -1425,14 +1481,10 @@ def list_orders(
     return session.exec(query.offset(filters.offset).limit(filters.limit)).all()
 
 
-@orders.get(
-    "/{order_id}",
-    response_model=OrderPublic,
-    responses=answers(404),
-    dependencies=[ADMIN],
-)
-def read_order(order_id: PathId, session: SessionDep) -> Order:
-    """One order, with its items."""
+@orders.get("/{order_id}", response_model=OrderPublic, responses=answers(404))
+def read_order(order_id: PathId, session: SessionDep, token: OrderAccess) -> Order:
+    """One order, with its items, for the admin or the order's own token."""
+    check_order_token(session, order_id, token)
     return read_order_or_404(session, order_id)
 
 
@@ -1449,16 +1501,22 @@ def change_order_status(
     return move_order(session, order_id, change.status, repeat_ok=False)
 
 
-@orders.delete(
-    "/{order_id}",
-    response_model=OrderPublic,
-    responses=answers(404, 409),
-    dependencies=[ADMIN],
-)
-def cancel_order(order_id: PathId, session: SessionDep) -> Order:
+@orders.delete("/{order_id}", response_model=OrderPublic, responses=answers(404, 409))
+def cancel_order(order_id: PathId, session: SessionDep, token: OrderAccess) -> Order:
     """Cancel the order and put its stock back; an order already cancelled stays
-    as it is."""
+    as it is. For the admin or the order's own token."""
+    check_order_token(session, order_id, token)
     return move_order(session, order_id, OrderStatus.cancelled, repeat_ok=True)
+
+
+def check_order_token(session: Session, order_id: int, token: str | None) -> None:
+    """A customer's token opens its own order only: any other order, or none, is a
+    401 as without a token, so that a token tells nobody which orders exist."""
+    if token is None:  # the admin
+        return
+    owner = session.exec(select(Order.token).where(col(Order.id) == order_id)).first()
+    if owner is None or not secrets.compare_digest(owner.encode(), token.encode()):
+        raise unauthorized()
 
 
 def read_order_or_404(session: Session, order_id: int) -> Order:
@@ -1469,20 +1527,27 @@ def read_order_or_404(session: Session, order_id: int) -> Order:
 
 
 def move_order(
-    session: Session, order_id: int, new_status: OrderStatus, repeat_ok: bool
+    session: Session,
+    order_id: int,
+    new_status: OrderStatus,
+    repeat_ok: bool,
+    placed_before: datetime | None = None,
 ) -> Order:
     """Move an order to `new_status`, putting its stock back if that is `cancelled`.
 
     The move is one conditional UPDATE (WHERE status IN the allowed previous
     statuses): of two concurrent moves only one can match, so stock comes back once.
-    With `repeat_ok`, an order already in `new_status` is answered as it is.
+    With `repeat_ok`, an order already in `new_status` is answered as it is. With
+    `placed_before`, only a pending order placed before it moves (its hold is up).
     """
     now = utcnow()
     previous = [old for old, nexts in NEXT_STATUSES.items() if new_status in nexts]
+    conditions = [col(Order.id) == order_id, col(Order.status).in_(previous)]
+    if placed_before is not None:
+        conditions[1] = col(Order.status) == OrderStatus.pending
+        conditions.append(col(Order.created_at) < placed_before)
     moved = session.exec(
-        update(Order)
-        .where(col(Order.id) == order_id, col(Order.status).in_(previous))
-        .values(status=new_status, updated_at=now)
+        update(Order).where(*conditions).values(status=new_status, updated_at=now)
     ).rowcount
     order = read_order_or_404(session, order_id)
     if not moved:
@@ -1506,6 +1571,25 @@ def move_order(
                 )
             )
     return order
+
+
+def cancel_expired_orders(session: Session) -> int:
+    """Cancel the orders whose hold has ended and that are still pending, putting
+    their copies back; how many. One confirmed or cancelled meanwhile stays so."""
+    placed_before = utcnow() - timedelta(seconds=ORDER_HOLD_SECONDS)
+    expired: Sequence[int] = session.exec(  # type: ignore[assignment]  # ids are set
+        select(Order.id)
+        .where(col(Order.status) == OrderStatus.pending)
+        .where(col(Order.created_at) < placed_before)
+        .order_by(col(Order.id))
+        .limit(100)
+    ).all()
+    cancelled = 0
+    for order_id in expired:
+        with suppress(HTTPException):  # the 409 of an order that has moved on
+            move_order(session, order_id, OrderStatus.cancelled, False, placed_before)
+            cancelled += 1
+    return cancelled
 
 
 ROUTERS = (service, books, stock, orders)
@@ -1789,7 +1873,11 @@ def make_engine(url: str, for_requests: bool = True) -> Engine:
         connect_args.pop("write_timeout", None)
         if "timeout" in connect_args:
             connect_args["timeout"] = STARTUP_LOCK_WAIT
-    engine = create_engine(url, echo=SQL_ECHO, connect_args=connect_args, **pool)
+    # hide_parameters: no log line shows a statement's values, an order's token
+    # among them, even with SQL_ECHO on.
+    engine = create_engine(
+        url, echo=SQL_ECHO, hide_parameters=True, connect_args=connect_args, **pool
+    )
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", set_sqlite_pragmas)
     if engine.dialect.name in ("sqlite", "postgresql"):
@@ -1839,7 +1927,47 @@ def fold_case(_mapper: Any, _connection: Any, book: Book) -> None:
 STARTUP_LOCK_WAIT = 600
 
 
-async def start_up() -> None:
+@asynccontextmanager
+async def start_up() -> AsyncIterator[None]:
+    """What runs beside the requests: the tables, brought up to date before the
+    first (upgrade_database); then, while the service serves, the sweep of
+    abandoned orders (expire_orders), stopped with the service."""
+    await upgrade_database()
+    sweeps = asyncio.create_task(expire_orders()) if ORDER_HOLD_SECONDS else None
+    try:
+        yield
+    finally:
+        if sweeps is not None:
+            sweeps.cancel()
+            with suppress(asyncio.CancelledError):
+                await sweeps
+
+
+# Seconds between two sweeps: an order is cancelled at most this long (and the
+# sweep's own time) after its hold ends.
+SWEEP_EVERY = 5
+
+
+async def expire_orders() -> None:
+    """Cancel the orders still pending ORDER_HOLD_SECONDS after they were placed,
+    every SWEEP_EVERY seconds, as a unit of work like a request's. Every worker
+    sweeps; each cancel is a conditional UPDATE, so one of them cancels an order,
+    once. A sweep that fails is logged and tried again at the next."""
+    while True:
+        await asyncio.sleep(SWEEP_EVERY)
+        try:
+            cancelled = await in_transaction(cancel_expired_orders, {}, write=True)
+        except (DatabaseUnavailable, SQLAlchemyError) as error:
+            cause = " ".join(str(error).split())
+            log.warning("Expired orders wait for the next sweep: %s", cause)
+            continue
+        if cancelled:
+            log.info(
+                "Cancelled %d orders pending for %g s", cancelled, ORDER_HOLD_SECONDS
+            )
+
+
+async def upgrade_database() -> None:
     """Make the tables, or bring a database made by an earlier version up to this
     one (create_tables): once, however many workers start together, under a lock
     that the database holds, without the request timeouts.

@@ -48,7 +48,13 @@ assert order.total == "21.98", order
 assert read_order.sync(client=client, order_id=order.id).status == OrderStatus.PENDING
 assert read_stock.sync(client=client, book_id=book.id).stock == 1
 
-cancelled = cancel_order.sync(client=client, order_id=order.id)
+# The order's own token opens it to the customer, who cancels it.
+assert isinstance(order.token, str), order
+customer = AuthenticatedClient(
+    base_url=url, token=order.token, raise_on_unexpected_status=True
+)
+assert read_order.sync(client=customer, order_id=order.id).id == order.id
+cancelled = cancel_order.sync(client=customer, order_id=order.id)
 assert cancelled.status == OrderStatus.CANCELLED
 assert read_stock.sync(client=client, book_id=book.id).stock == 3
 print(f"generated client: book {book.id}, order {order.id} placed, read, cancelled")
