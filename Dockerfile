@@ -1,9 +1,13 @@
-# The BookStore service: docker build -t bookstore . && docker run -p 8000:8000 -v bookstore-data:/data bookstore
+# The BookStore service: docker build -t bookstore . && docker run -p 8000:8000 \
+#   -v bookstore-data:/data -e BOOKSTORE_ADMIN_TOKEN=<a long random secret> bookstore
 FROM python:3.12-slim
 
+# BOOKSTORE_DEMO=0: on a network, no open shop; the service stops without a token
+# (-e BOOKSTORE_DEMO=1 asks for demo mode on purpose).
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    DATABASE_URL=sqlite:////data/bookstore.db
+    DATABASE_URL=sqlite:////data/bookstore.db \
+    BOOKSTORE_DEMO=0
 
 WORKDIR /app
 COPY requirements.txt .

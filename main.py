@@ -39,7 +39,7 @@ from enum import StrEnum
 from functools import cache
 from inspect import signature
 from math import ceil
-from typing import Annotated, Any, Literal, ParamSpec, TypeVar
+from typing import Annotated, Any, Literal, ParamSpec, TypeVar, get_args
 
 from fastapi import (
     APIRouter,
@@ -52,6 +52,7 @@ from fastapi import (
     Response,
 )
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -59,9 +60,9 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     BeforeValidator,
+    JsonValue,
     PlainSerializer,
     StrictInt,
-    StringConstraints,
     WithJsonSchema,
     computed_field,
     field_validator,
@@ -122,6 +123,20 @@ log = logging.getLogger("uvicorn.error")
 DATABASE_URL = os.environ.get("DATABASE_URL", "sqlite:///./bookstore.db")
 SQL_ECHO = os.environ.get("SQL_ECHO", "").lower() in ("1", "true", "yes", "on")
 ADMIN_TOKEN = os.environ.get("BOOKSTORE_ADMIN_TOKEN") or None
+# Without an admin token the shop is open to anyone (demo mode), unless
+# BOOKSTORE_DEMO says no: the Docker image does, as it serves on a network.
+DEMO = os.environ.get("BOOKSTORE_DEMO", "1").lower() in ("1", "true", "yes", "on")
+if ADMIN_TOKEN is None and not DEMO:
+    log.critical(
+        "BOOKSTORE_ADMIN_TOKEN is not set, and BOOKSTORE_DEMO forbids an open shop:"
+        " set the token, or BOOKSTORE_DEMO=1 for demo mode"
+    )
+    raise SystemExit(3)
+# Browser pages from these origins may call the API (CORS): "https://a.example,
+# http://localhost:5173", or "*". None: no page from another origin may.
+CORS_ORIGINS = [
+    o.strip() for o in os.environ.get("CORS_ORIGINS", "").split(",") if o.strip()
+]
 # A bearer token travels in a header: visible ASCII only. A trailing newline from
 # a secret file would make every admin request a 401.
 if ADMIN_TOKEN is not None and not re.fullmatch(r"[\x21-\x7e]+", ADMIN_TOKEN):
@@ -292,8 +307,15 @@ def normalize_isbn(value: str) -> str:
     raise ValueError("must be an ISBN-10 or ISBN-13")
 
 
-# PostgreSQL cannot store NUL characters in text.
-Text = Annotated[str, StringConstraints(pattern=r"^[^\x00]*$")]
+def refuse_nul(text: str) -> str:
+    """PostgreSQL cannot store NUL characters in text: none is accepted anywhere."""
+    if "\x00" in text:
+        raise ValueError("must not contain NUL characters")
+    return text
+
+
+# Text a client sends (answers are plain str: they were checked on the way in).
+Text = Annotated[str, AfterValidator(refuse_nul)]
 ISBN = Annotated[str, AfterValidator(normalize_isbn)]
 # Decimal, written in JSON as a string with exactly two places: "10.99", "32.97".
 Amount = Annotated[
@@ -338,7 +360,7 @@ Price = Annotated[
 ]
 # Integers in bodies are strict: true, 2.0 and "2" are not numbers of copies.
 Stock = Annotated[StrictInt, Field(ge=0, le=MAX_STOCK)]
-PathId = Annotated[int, Path(ge=1, le=MAX_ID)]
+PathId = Annotated[int, Path(ge=1, le=MAX_ID, examples=[1])]
 
 
 class Input(SQLModel):
@@ -418,10 +440,31 @@ class BookCreate(BookBase, Input):
     }
 
 
+# What the schema shows as an answer: a real book, as the shop would send it.
+BOOK_EXAMPLE: dict[str, JsonValue] = {
+    "title": "Dune",
+    "author": "Frank Herbert",
+    "year": 1965,
+    "isbn": "9780441172719",
+    "price": "10.99",
+    "description": "A desert planet, and the spice that only it yields.",
+    "stock": 10,
+    "id": 1,
+    "created_at": "2026-11-22T09:30:00Z",
+    "updated_at": "2026-11-22T09:30:00Z",
+    "in_stock": True,
+}
+
+
 class BookPublic(BookBase):
+    model_config = {"json_schema_extra": {"examples": [BOOK_EXAMPLE]}}
+
     # Answers are not inputs: a cancel may lift the stock past what a client may
     # send, and a book stored by an earlier version keeps its ISBN as it was.
+    title: str
+    author: str
     isbn: str | None = Field(default=None, description="ISBN-13")
+    description: str | None = None
     stock: int = Field(default=0, description="Copies on hand")
     id: int
     created_at: datetime
@@ -487,6 +530,12 @@ class StockChange(Input):
 
 
 class StockPublic(SQLModel):
+    model_config = {
+        "json_schema_extra": {
+            "examples": [{"book_id": 1, "stock": 10, "in_stock": True}]
+        }
+    }
+
     book_id: int
     stock: int
 
@@ -599,7 +648,29 @@ class OrderCreate(OrderBase, Input):
         return items
 
 
+ORDER_EXAMPLE: dict[str, JsonValue] = {
+    "customer": "ada@example.com",
+    "id": 1,
+    "status": "pending",
+    "items": [
+        {
+            "book_id": 1,
+            "quantity": 2,
+            "title": "Dune",
+            "unit_price": "10.99",
+            "line_total": "21.98",
+        }
+    ],
+    "total": "21.98",
+    "created_at": "2026-11-22T09:45:00Z",
+    "updated_at": "2026-11-22T09:45:00Z",
+}
+
+
 class OrderPublic(OrderBase):
+    model_config = {"json_schema_extra": {"examples": [ORDER_EXAMPLE]}}
+
+    customer: str
     id: int
     status: OrderStatus
     items: list[OrderItemPublic]
@@ -610,6 +681,12 @@ class OrderPublic(OrderBase):
 
 class OrderPlaced(OrderPublic):
     """The answer to POST /orders: the order, and its own token."""
+
+    model_config = {
+        "json_schema_extra": {
+            "examples": [ORDER_EXAMPLE | {"token": "b4X0oZ8pQeYw3nT6LkR2sA"}]
+        }
+    }
 
     token: str | None = Field(
         description="Opens this order (Authorization: Bearer <token>) for the"
@@ -654,22 +731,40 @@ FORGET_BOOK_KEYS = (
 
 
 class Message(SQLModel):
+    model_config = {
+        "json_schema_extra": {"examples": [{"detail": "Book 42 not found"}]}
+    }
+
     detail: str
 
 
 class ServiceInfo(SQLModel):
+    model_config = {
+        "json_schema_extra": {
+            "examples": [{"name": "BookStore", "version": "1.0.0", "docs": "/docs"}]
+        }
+    }
+
     name: str
     version: str
     docs: str
 
 
 class HealthStatus(SQLModel):
+    model_config = {"json_schema_extra": {"examples": [{"status": "ok"}]}}
+
     status: Literal["ok"]
 
 
 class Page(Input):
     offset: int = Field(default=0, ge=0, le=1_000_000)
     limit: int = Field(default=20, ge=1, le=100)
+
+
+Sort = Literal[
+    "id", "-id", "title", "-title", "author", "-author",
+    "year", "-year", "price", "-price", "created_at", "-created_at",
+]  # fmt: skip
 
 
 class BookFilter(Page):
@@ -685,10 +780,15 @@ class BookFilter(Page):
     min_price: Price | None = None
     max_price: Price | None = None
     year: int | None = Field(default=None, ge=0, le=2100)
-    sort: Literal[
-        "id", "-id", "title", "-title", "author", "-author",
-        "year", "-year", "price", "-price", "created_at", "-created_at",
-    ] = Field(default="id", description="A field, - first for descending")  # fmt: skip
+    sort: Sort = Field(
+        default="id",
+        description="A field, - first for descending",
+        # Names for a generated client: PRICE_DESC, not VALUE_9.
+        schema_extra={"json_schema_extra": {"x-enum-varnames": [
+            name.lstrip("-").upper() + "_DESC" * name.startswith("-")
+            for name in get_args(Sort)
+        ]}},
+    )  # fmt: skip
 
 
 class OrderFilter(Page):
@@ -743,6 +843,9 @@ app = FastAPI(
     generate_unique_id_function=lambda route: route.name,
     lifespan=lifespan,
     redirect_slashes=False,  # SameWithTrailingSlash answers /books/ directly
+    # A body sent without a Content-Type is read as JSON (one of another type is a
+    # 415: see ShopRoute).
+    strict_content_type=False,
 )
 
 
@@ -893,7 +996,7 @@ class ShopRoute(APIRoute):
     503 when the database fails or gives no answer within DB_TIMEOUT. The answers
     that follow from what a route takes are declared here, once: 503 with a
     session, 401 with ADMIN or OrderAccess (without them, the route is open), 400,
-    408 and 413 with a body; a route that answers 412 reads If-Match, and one that
+    408, 413 and 415 with a body; a route that answers 412 reads If-Match, and one that
     answers 304 If-None-Match.
     """
 
@@ -905,7 +1008,7 @@ class ShopRoute(APIRoute):
         shared: Answers = {}
         # A body is a model of what a client sends (a list's query is Annotated).
         if any(isinstance(a, type) and issubclass(a, Input) for a in annotations):
-            shared |= answers(400, 408, 413)
+            shared |= answers(400, 408, 413, 415)
         extra = kwargs["openapi_extra"] or {}
         if ADMIN in kwargs["dependencies"] or OrderAccess in annotations:
             shared |= answers(401)
@@ -940,8 +1043,20 @@ class ShopRoute(APIRoute):
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
+        reads_body = self.body_field is not None
 
         async def read_exactly(request: Request) -> Response:
+            # A body is JSON: sent as a form (curl -d), it would be read as bytes.
+            content_type = request.headers.get("content-type")
+            if reads_body and content_type is not None:
+                media_type = content_type.partition(";")[0].strip().lower()
+                kind, _, subtype = media_type.partition("/")
+                if kind != "application" or not (
+                    subtype == "json" or subtype.endswith("+json")
+                ):
+                    raise HTTPException(
+                        415, "Request body must be JSON: Content-Type: application/json"
+                    )
             return await handler(ExactJSONRequest(request.scope, request.receive))
 
         return read_exactly
@@ -1823,11 +1938,31 @@ def forget_outcome(attempt: asyncio.Future[Any]) -> None:
 # --- What keeps it running: the engine, start-up and the database's text -----------
 
 
+# The URLs that hosting platforms hand out name no driver: these are the drivers.
+DRIVERS = {
+    "postgres": "postgresql+psycopg",
+    "postgresql": "postgresql+psycopg",
+    "mysql": "mysql+pymysql",
+}
+
+
+def with_driver(url: str) -> str:
+    """`url` with its driver named: postgres://... is postgresql+psycopg://...,
+    and mysql://... is mysql+pymysql://... in full Unicode (utf8mb4)."""
+    scheme, separator, rest = url.partition("://")
+    if scheme not in DRIVERS:
+        return url
+    if DRIVERS[scheme].startswith("mysql") and "charset=" not in rest:
+        rest += ("&" if "?" in rest else "?") + "charset=utf8mb4"
+    return f"{DRIVERS[scheme]}{separator}{rest}"
+
+
 def make_engine(url: str, for_requests: bool = True) -> Engine:
     """An engine for `url`, with every wait bounded by DB_TIMEOUT; on SQLite, set up
     so that several processes can share the file. Not `for_requests`: start-up's,
     one connection without the statement and lock timeouts (building an index on a
     large catalogue may take longer than DB_TIMEOUT)."""
+    url = with_driver(url)
     # As many pooled connections as threads that talk to the database (on SQLite,
     # sqlite_writer too): no thread waits for a connection, and none opens a
     # short-lived one of its own. No pre-ping: a connection found dead runs its
@@ -2288,8 +2423,11 @@ class SameWithTrailingSlash:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
+        # Behind a proxy, uvicorn --root-path /shop: the path is /shop/... and the
+        # routes see what follows /shop. "/shop/" is the root, not /shop.
+        route_path = path.removeprefix(scope.get("root_path", ""))
         raw_path = scope.get("raw_path") or path.encode()
-        if len(path) > 1 and raw_path.endswith(b"/"):  # one slash: /books/1%2F/ stays
+        if len(route_path) > 1 and raw_path.endswith(b"/"):  # /books/1%2F/ stays
             scope = {**scope, "path": path[:-1]}
         if scope["method"] != "HEAD":
             return await self.app(scope, receive, send)
@@ -2304,6 +2442,14 @@ class SameWithTrailingSlash:
 
 app.add_middleware(LimitBody)
 app.add_middleware(SameWithTrailingSlash)
+if CORS_ORIGINS:  # outermost: a browser's preflight is answered before the rest
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=CORS_ORIGINS,
+        allow_methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"],
+        allow_headers=["Authorization", "Content-Type", *REQUEST_HEADERS],
+        expose_headers=["ETag", "Location", "X-Total-Count", "Retry-After"],
+    )
 
 
 @app.exception_handler(DatabaseUnavailable)

@@ -11,6 +11,7 @@ their URLs (comma-separated), on PostgreSQL and MySQL/MariaDB too; see README.md
 Every test starts from empty tables.
 """
 
+import importlib.metadata
 import inspect
 import json
 import logging
@@ -37,6 +38,7 @@ import pytest
 import sqlalchemy
 from fastapi import APIRouter, FastAPI, Response
 from fastapi.testclient import TestClient
+from packaging.requirements import Requirement
 from sqlalchemy import event, make_url
 from sqlmodel import Session, SQLModel, delete, select, update
 
@@ -207,24 +209,13 @@ def test_docs_and_schema_are_served(client):
 
 def test_schema_declares_every_route_and_error_answer(client):
     paths = client.get("/openapi.json").json()["paths"]
-    # 413 and 408 where a body is read; 503 wherever the database is used; 412
+    # 413, 415 and 408 where a body is read; 503 wherever the database is used; 412
     # where If-Match is, 304 where If-None-Match is.
-    with_body = {"200", "400", "401", "404", "408", "409", "413", "422", "503"}
+    with_body = {"200", "400", "401", "404", "408", "409", "413", "415", "422", "503"}
     delete_book = {"204", "401", "404", "409", "412", "422", "503"}
     expected = {
         # 404: a retry whose book has been deleted since
-        ("/books", "post"): {
-            "200",
-            "201",
-            "400",
-            "401",
-            "404",
-            "408",
-            "409",
-            "413",
-            "422",
-            "503",
-        },
+        ("/books", "post"): with_body | {"201"},
         ("/books", "get"): {"200", "422", "503"},
         ("/books/{book_id}", "get"): {"200", "304", "404", "422", "503"},
         ("/books/{book_id}", "patch"): with_body | {"412"},
@@ -2691,6 +2682,241 @@ def test_a_clean_stop_leaves_every_change_in_the_database_file(tmp_path):
     engine.dispose()
 
 
+# --- First contact --------------------------------------------------------------------
+# What a newcomer, a browser page or a hosting platform meets first.
+
+
+def test_the_schema_shows_a_real_shop(client):
+    """Every example validates against its model; no pattern exists only to refuse
+    NUL (Swagger would make titles up from it); a POST's 201 comes first; the
+    sorts have names a generated client can use."""
+    schema = client.get("/openapi.json").json()
+    assert r"\x00" not in json.dumps(schema)
+    shown = 0
+    for name, model in schema["components"]["schemas"].items():
+        for example in model.get("examples", []):
+            getattr(main, name).model_validate(example)
+            shown += 1
+    assert shown >= 12
+    for path in ("/books", "/orders"):
+        assert list(schema["paths"][path]["post"]["responses"])[:2] == ["201", "200"]
+    for path, operation in schema["paths"].items():
+        for parameter in operation.get("get", {}).get("parameters", []):
+            if parameter["in"] == "path":
+                assert parameter["schema"]["examples"] == [1], path
+    [sort] = [p for p in schema["paths"]["/books"]["get"]["parameters"]
+              if p["name"] == "sort"]  # fmt: skip
+    names = sort["schema"]["x-enum-varnames"]
+    assert len(names) == len(set(names)) == len(sort["schema"]["enum"])
+    assert names[sort["schema"]["enum"].index("-price")] == "PRICE_DESC"
+    assert all(name.isidentifier() for name in names)
+
+
+def test_nul_is_refused_as_before(client, engine):
+    for body in ({"title": "Du\x00ne"}, {"description": "\x00"}):
+        response = client.post("/books", json=BOOK | body)
+        assert response.status_code == 422
+        assert "NUL" in response.json()["detail"][0]["msg"]
+    assert count(engine, Book) == 0
+
+
+BODY_ROUTES = [
+    ("post", "/books"),
+    ("patch", "/books/{book}"),
+    ("put", "/books/{book}"),
+    ("post", "/books/{book}/stock"),
+    ("post", "/orders"),
+    ("patch", "/orders/{order}/status"),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), BODY_ROUTES)
+def test_a_body_that_is_not_json_is_415_and_changes_nothing(
+    client, engine, method, path
+):
+    book = create_book(client)
+    order = place_order(client, (book["id"], 1)).json()
+    before = snapshot(engine)
+    url = path.format(book=book["id"], order=order["id"])
+    for content_type in ("application/x-www-form-urlencoded", "text/plain"):
+        response = client.request(method, url, content=b'{"delta": 1}',
+                                  headers={"Content-Type": content_type})  # fmt: skip
+        assert_detail(response, 415, "application/json")
+    assert snapshot(engine) == before
+
+
+def test_a_body_without_a_content_type_is_read_as_json(client, engine):
+    created = client.post("/books", content=json.dumps(BOOK).encode())
+    assert created.status_code == 201, created.text
+    changed = client.patch(
+        f"/books/{created.json()['id']}",
+        content=b'{"stock": 3}',
+        headers={"Content-Type": "application/merge-patch+json"},
+    )
+    assert changed.json()["stock"] == 3
+    assert stock_of(engine, created.json()["id"]) == 3
+
+
+PREFLIGHT = {
+    "Origin": "http://localhost:5173",
+    "Access-Control-Request-Method": "POST",
+    "Access-Control-Request-Headers": "authorization, content-type, idempotency-key",
+}
+
+
+def test_a_browser_page_of_an_allowed_origin_may_call_the_api(tmp_path):
+    origins = "https://shop.example, http://localhost:5173"
+    with (
+        live_service("sqlite://", tmp_path, workers=1, CORS_ORIGINS=origins) as shop,
+        httpx2.Client(base_url=shop.url) as http,
+    ):
+        preflight = http.options("/orders", headers=PREFLIGHT)
+        assert preflight.status_code == 200
+        allowed = preflight.headers["access-control-allow-headers"].lower()
+        for header in ("authorization", "if-match", "if-none-match", "idempotency-key",
+                       "content-type"):  # fmt: skip
+            assert header in allowed
+        assert "PATCH" in preflight.headers["access-control-allow-methods"]
+        book = http.post("/books", json=BOOK, headers={"Origin": PREFLIGHT["Origin"]})
+        assert book.headers["access-control-allow-origin"] == PREFLIGHT["Origin"]
+        exposed = book.headers["access-control-expose-headers"].lower()
+        for header in ("etag", "location", "x-total-count", "retry-after"):
+            assert header in exposed
+        other = http.get("/books", headers={"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+
+
+def test_without_cors_origins_no_page_of_another_origin_may_call_it(tmp_path):
+    with (
+        live_service("sqlite://", tmp_path, workers=1) as shop,
+        httpx2.Client(base_url=shop.url) as http,
+    ):
+        assert http.options("/orders", headers=PREFLIGHT).status_code == 405
+        answer = http.get("/books", headers={"Origin": PREFLIGHT["Origin"]})
+        assert "access-control-allow-origin" not in answer.headers
+
+
+def test_behind_a_proxy_with_a_root_path_every_route_answers(tmp_path):
+    """uvicorn --root-path /shop, behind a proxy that strips the prefix."""
+    options = ["--root-path", "/shop"]
+    with (
+        live_service("sqlite://", tmp_path, workers=1, options=options) as shop,
+        httpx2.Client(base_url=shop.url) as http,
+    ):
+        assert http.get("/").json()["name"] == "BookStore"
+        assert http.post("/books/", json=BOOK).status_code == 201
+        assert http.get("/books/").headers["X-Total-Count"] == "1"
+        assert http.head("/books/1").status_code == 200
+        assert http.get("/docs").status_code == 200
+        assert http.get("/openapi.json").json()["servers"][0]["url"] == "/shop"
+
+
+@pytest.mark.parametrize("database_url", SERVER_URLS, ids=lambda url: url.split(":")[0])
+def test_the_urls_hosting_platforms_hand_out_name_their_driver(database_url):
+    url = make_url(database_url)
+    plain = url.render_as_string(hide_password=False).split("://", 1)[1]
+    if url.drivername.startswith("postgresql"):
+        forms = {
+            "postgres://": "postgresql+psycopg",
+            "postgresql://": "postgresql+psycopg",
+        }
+    else:
+        forms = {"mysql://": "mysql+pymysql"}
+        plain = plain.split("?")[0]  # the platform's URL names no charset
+    for scheme, driver in forms.items():
+        engine = make_engine(scheme + plain)
+        assert engine.url.drivername == driver
+        if driver.startswith("mysql"):
+            assert engine.url.query["charset"] == "utf8mb4"
+        with engine.connect() as connection:
+            assert connection.exec_driver_sql("SELECT 1").scalar() == 1
+        engine.dispose()
+    assert main.with_driver("sqlite:///shop.db") == "sqlite:///shop.db"
+
+
+def test_requirements_pin_every_package_the_install_brings():
+    """The packages that requirements.txt's own pins require, and what those
+    require, are all pinned there (.ci/run also checks a fresh install's freeze)."""
+    pins = {}
+    for line in (HERE / "requirements.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[canonical(name.split("[")[0])] = (name, version)
+    todo = [("fastapi", ()), ("uvicorn", ("standard",)), ("sqlmodel", ()),
+            ("pytest", ()), ("httpx2", ())]  # fmt: skip
+    reached = set()
+    while todo:
+        name, extras = todo.pop()
+        if canonical(name) in reached:
+            continue
+        reached.add(canonical(name))
+        for requirement in map(Requirement, importlib.metadata.requires(name) or []):
+            environments = [{"extra": extra} for extra in ("", *extras)]
+            if requirement.marker is None or any(
+                requirement.marker.evaluate(environment) for environment in environments
+            ):
+                todo.append((requirement.name, tuple(requirement.extras)))
+    assert reached == set(pins)
+    for name, (_, version) in pins.items():
+        assert importlib.metadata.version(name) == version, name
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def dockerfile() -> tuple[dict[str, str], list[str]]:
+    """The Dockerfile's environment and command, as the image starts it."""
+    text = (HERE / "Dockerfile").read_text().replace("\\\n", " ")
+    env = {}
+    for line in text.splitlines():
+        if line.startswith("ENV "):
+            env |= dict(pair.split("=", 1) for pair in line[4:].split())
+    [command] = [json.loads(line[4:]) for line in text.splitlines()
+                 if line.startswith("CMD ")]  # fmt: skip
+    return env, command
+
+
+def test_the_image_serves_no_open_shop(tmp_path):
+    """The image's command and environment, started here: without a token it stops
+    with one line naming the way to demo mode; with one, or with BOOKSTORE_DEMO=1,
+    it serves."""
+    env, command = dockerfile()
+    assert command[:2] == ["uvicorn", "main:app"]
+    env["DATABASE_URL"] = env["DATABASE_URL"].replace("/data", str(tmp_path))
+    port = str(free_port())
+    command = [sys.executable, "-m", *command[:-1], port]
+    assert command[-2] == "--port"
+    base = os.environ | env
+    base.pop("BOOKSTORE_ADMIN_TOKEN", None)
+    stopped = subprocess.run(command, cwd=HERE, env=base, capture_output=True,
+                             timeout=60)  # fmt: skip
+    output = stopped.stdout.decode() + stopped.stderr.decode()
+    assert stopped.returncode != 0
+    assert "BOOKSTORE_ADMIN_TOKEN is not set" in output
+    assert "BOOKSTORE_DEMO=1" in output
+    for extra in ({"BOOKSTORE_ADMIN_TOKEN": "image-token"}, {"BOOKSTORE_DEMO": "1"}):
+        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+        with subprocess.Popen(command, cwd=HERE, env=base | extra, **quiet) as p:
+            try:
+                deadline = time.monotonic() + 20
+                while True:
+                    with suppress(httpx2.TransportError):
+                        health = httpx2.get(f"http://127.0.0.1:{port}/health")
+                        assert health.json() == {"status": "ok"}
+                        break
+                    assert time.monotonic() < deadline
+                    time.sleep(0.1)
+            finally:
+                p.terminate()
+
+
+def test_the_licence_is_the_one_the_schema_names(client):
+    licence = (HERE / "LICENSE").read_text()
+    assert licence.startswith("MIT License")
+    assert client.get("/openapi.json").json()["info"]["license"]["name"] == "MIT"
+
+
 # --- Races: threads and worker processes ----------------------------------------------
 # Most of these start `uvicorn main:app --workers 2` (see LiveService) and drive it
 # with httpx from a thread pool, on each database. Every loop is bounded in count
@@ -3614,7 +3840,13 @@ class LiveService:
     """`uvicorn main:app` in a process group of its own, to be killed whole."""
 
     def __init__(
-        self, database_url: str, log_path: Path, workers=2, app_dir=HERE, **env
+        self,
+        database_url: str,
+        log_path: Path,
+        workers=2,
+        app_dir=HERE,
+        options=(),
+        **env,
     ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -3626,7 +3858,7 @@ class LiveService:
             "--port",
             str(self.port),
         ]
-        command += ["--workers", str(workers), "--no-access-log"]
+        command += ["--workers", str(workers), "--no-access-log", *options]
         env = os.environ | {"DATABASE_URL": database_url} | env
         if app_dir != HERE:  # another main.py: coverage measures this one only
             env.pop("COVERAGE_PROCESS_CONFIG", None)
