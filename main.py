@@ -39,7 +39,7 @@ from enum import StrEnum
 from functools import cache
 from inspect import signature
 from math import ceil
-from typing import Annotated, Any, Literal, ParamSpec, TypeVar, get_args
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 from fastapi import (
     APIRouter,
@@ -123,6 +123,14 @@ log = logging.getLogger("uvicorn.error")
 DATABASE_URL = os.environ.get("DATABASE_URL", "sqlite:///./bookstore.db")
 SQL_ECHO = os.environ.get("SQL_ECHO", "").lower() in ("1", "true", "yes", "on")
 ADMIN_TOKEN = os.environ.get("BOOKSTORE_ADMIN_TOKEN") or None
+# A bearer token travels in a header: visible ASCII only. A trailing newline from
+# a secret file would make every admin request a 401.
+if ADMIN_TOKEN is not None and not re.fullmatch(r"[\x21-\x7e]+", ADMIN_TOKEN):
+    log.critical(
+        "BOOKSTORE_ADMIN_TOKEN must be visible ASCII characters, without spaces or"
+        " a trailing newline: no client could send it"
+    )
+    raise SystemExit(3)
 # Without an admin token the shop is open to anyone (demo mode), unless
 # BOOKSTORE_DEMO says no: the Docker image does, as it serves on a network.
 DEMO = os.environ.get("BOOKSTORE_DEMO", "1").lower() in ("1", "true", "yes", "on")
@@ -137,14 +145,6 @@ if ADMIN_TOKEN is None and not DEMO:
 CORS_ORIGINS = [
     o.strip() for o in os.environ.get("CORS_ORIGINS", "").split(",") if o.strip()
 ]
-# A bearer token travels in a header: visible ASCII only. A trailing newline from
-# a secret file would make every admin request a 401.
-if ADMIN_TOKEN is not None and not re.fullmatch(r"[\x21-\x7e]+", ADMIN_TOKEN):
-    log.critical(
-        "BOOKSTORE_ADMIN_TOKEN must be visible ASCII characters, without spaces or"
-        " a trailing newline: no client could send it"
-    )
-    raise SystemExit(3)
 
 
 def seconds(name: str, default: str, zero: str = "") -> float:
@@ -156,11 +156,7 @@ def seconds(name: str, default: str, zero: str = "") -> float:
         value = float("nan")
     if not (0 < value < float("inf") or (zero and value == 0)):  # nan: false too
         text = os.environ[name]
-        kind = (
-            f"a positive number of seconds, or 0 for {zero}"
-            if zero
-            else ("a positive number of seconds")
-        )
+        kind = "a positive number of seconds" + (f", or 0 for {zero}" if zero else "")
         log.critical("%s must be %s, not %r", name, kind, text)
         raise SystemExit(3)  # uvicorn's "failed to start": its other workers stop too
     return value
@@ -193,7 +189,6 @@ WORKER_THREADS = 8
 
 T = TypeVar("T")
 BookOrRow = TypeVar("BookOrRow", "Book", "Row[Any]")
-P = ParamSpec("P")
 
 
 # --- Field types ----------------------------------------------------------------
