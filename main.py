@@ -725,6 +725,34 @@ FORGET_BOOK_KEYS = (
 )
 
 
+class FieldError(SQLModel):
+    type: str
+    loc: list[str | int]
+    msg: str
+
+
+class ValidationErrors(SQLModel):
+    """A 422, as validation_error writes it: the first errors, without the input."""
+
+    model_config = {
+        "json_schema_extra": {
+            "examples": [
+                {
+                    "detail": [
+                        {
+                            "type": "missing",
+                            "loc": ["body", "price"],
+                            "msg": "Field required",
+                        }
+                    ]
+                }
+            ]
+        }
+    }
+
+    detail: list[FieldError]
+
+
 class Message(SQLModel):
     model_config = {
         "json_schema_extra": {"examples": [{"detail": "Book 42 not found"}]}
@@ -1014,6 +1042,8 @@ class ShopRoute(APIRoute):
             headers = reads(*conditions)["parameters"] + extra.get("parameters", [])
             extra = extra | {"parameters": headers}
         kwargs["openapi_extra"] = extra or None
+        if any(p.name not in ("session", "request", "response") for p in parameters):
+            shared[422] = {"model": ValidationErrors, "description": "Validation Error"}
         if "session" in takes.parameters:
             shared[503] = UNAVAILABLE
             run, write = endpoint, not set(kwargs["methods"]) <= {"GET", "HEAD"}
