@@ -1019,8 +1019,8 @@ class ShopRoute(APIRoute):
     503 when the database fails or gives no answer within DB_TIMEOUT. The answers
     that follow from what a route takes are declared here, once: 503 with a
     session, 401 with ADMIN or OrderAccess (without them, the route is open), 400,
-    408, 413 and 415 with a body; a route that answers 412 reads If-Match, and one that
-    answers 304 If-None-Match.
+    408, 413 and 415 with a body, 422 with any parameter; a route that answers 412
+    reads If-Match, and one that answers 304 If-None-Match.
     """
 
     def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any):
