@@ -39,7 +39,7 @@ from enum import StrEnum
 from functools import cache
 from inspect import signature
 from math import ceil
-from typing import Annotated, Any, Literal, TypeVar, get_args
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 from fastapi import (
     APIRouter,
@@ -1047,10 +1047,12 @@ class ShopRoute(APIRoute):
         if "session" in takes.parameters:
             shared[503] = UNAVAILABLE
             run, write = endpoint, not set(kwargs["methods"]) <= {"GET", "HEAD"}
+            # A list's page and its count must see one state of the database.
+            snapshot = get_origin(kwargs["response_model"]) is list
 
             @functools.wraps(run)
             async def unit_of_work(**values: Any) -> Any:
-                return await in_transaction(run, values, write)
+                return await in_transaction(run, values, write, snapshot)
 
             # FastAPI reads what to pass from this signature: all but the session,
             # which each attempt gets from get_session.
@@ -1790,8 +1792,9 @@ class UnitOfWork:
     forgotten before the connection goes back to the pool.
     """
 
-    def __init__(self, write: bool):
+    def __init__(self, write: bool, snapshot: bool):
         self.write = write
+        self.snapshot = snapshot
         self.lock = threading.Lock()
         self.answered = False  # the client has its 503: start nothing, commit nothing
         self.committing = False
@@ -1816,7 +1819,7 @@ class UnitOfWork:
                 try:
                     self.watch(connection)
                     if not self.write:  # see begin_transaction
-                        connection.execution_options(reads_only=True)
+                        connection.execution_options(reads=self.snapshot)
                     session.bind = connection  # the watched one, not one of its own
                     result = endpoint(**kwargs)
                     with self.lock:
@@ -1886,7 +1889,10 @@ def roll_back(session: Session) -> None:
 
 
 async def in_transaction(
-    endpoint: Callable[..., T], values: dict[str, Any], write: bool
+    endpoint: Callable[..., T],
+    values: dict[str, Any],
+    write: bool,
+    snapshot: bool = False,
 ) -> T:
     """Run endpoint(**values) in a worker thread, as one transaction: see ShopRoute.
 
@@ -1902,7 +1908,7 @@ async def in_transaction(
     """
     make_sessions = app.dependency_overrides.get(get_session, get_session)
     response: Response | None = values.get("response")
-    unit = UnitOfWork(write)
+    unit = UnitOfWork(write, snapshot)
     loop = asyncio.get_running_loop()
     attempts = 0
     try:
@@ -2058,15 +2064,20 @@ def begin_transaction(connection: Connection) -> None:
     On SQLite, one that may write takes the write lock at once, where SQLite can
     wait for it: begun at its first write, after its reads, another process could
     change what it read in between, and a book checked for its ETag (lock_book)
-    would no longer be the book it changes. One that only reads (`reads_only`)
-    begins too, so that its statements, a page and its count, see one state of the
-    database. On PostgreSQL, whose READ COMMITTED gives each statement a state of
-    its own, a read runs in REPEATABLE READ, which psycopg names in the BEGIN it
-    sends (MariaDB's default is that already).
+    would no longer be the book it changes. A read (the `reads` option, set)
+    begins only if it is a `snapshot`, a page and its count that must see one
+    state of the database; one of a single resource runs in autocommit. On
+    PostgreSQL, whose READ COMMITTED gives each statement a state of its own, a
+    read runs in REPEATABLE READ, which psycopg names in the BEGIN it sends
+    (MariaDB's default is that already).
     """
-    reads_only = connection.get_execution_options().get("reads_only", False)
+    options = connection.get_execution_options()
+    reads_only = "reads" in options
     if connection.dialect.name == "sqlite":
-        connection.exec_driver_sql("BEGIN" if reads_only else "BEGIN IMMEDIATE")
+        if not reads_only:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+        elif options["reads"]:
+            connection.exec_driver_sql("BEGIN")
     else:  # set at every begin, so no connection keeps it for a write
         psycopg_connection: Any = connection.connection.dbapi_connection
         repeatable_read = 3  # psycopg.IsolationLevel.REPEATABLE_READ
