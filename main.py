@@ -120,8 +120,15 @@ from starlette.types import Message as ASGIMessage
 # --- Settings -----------------------------------------------------------------
 
 log = logging.getLogger("uvicorn.error")
+
+
+def is_on(name: str, default: str = "") -> bool:
+    """A switch in the environment: 1, true, yes or on."""
+    return os.environ.get(name, default).lower() in ("1", "true", "yes", "on")
+
+
 DATABASE_URL = os.environ.get("DATABASE_URL", "sqlite:///./bookstore.db")
-SQL_ECHO = os.environ.get("SQL_ECHO", "").lower() in ("1", "true", "yes", "on")
+SQL_ECHO = is_on("SQL_ECHO")
 ADMIN_TOKEN = os.environ.get("BOOKSTORE_ADMIN_TOKEN") or None
 # A bearer token travels in a header: visible ASCII only. A trailing newline from
 # a secret file would make every admin request a 401.
@@ -133,8 +140,7 @@ if ADMIN_TOKEN is not None and not re.fullmatch(r"[\x21-\x7e]+", ADMIN_TOKEN):
     raise SystemExit(3)
 # Without an admin token the shop is open to anyone (demo mode), unless
 # BOOKSTORE_DEMO says no: the Docker image does, as it serves on a network.
-DEMO = os.environ.get("BOOKSTORE_DEMO", "1").lower() in ("1", "true", "yes", "on")
-if ADMIN_TOKEN is None and not DEMO:
+if ADMIN_TOKEN is None and not is_on("BOOKSTORE_DEMO", "1"):
     log.critical(
         "BOOKSTORE_ADMIN_TOKEN is not set, and BOOKSTORE_DEMO forbids an open shop:"
         " set the token, or BOOKSTORE_DEMO=1 for demo mode"
@@ -913,6 +919,8 @@ order_bearer = HTTPBearer(
 
 async def order_access(
     credentials: Credentials,
+    # The same Authorization header, read again so that the schema names the order's
+    # token as a second way into these routes.
     _: Annotated[HTTPAuthorizationCredentials | None, Depends(order_bearer)],
 ) -> str | None:
     """Who opens an order: the admin (None), or a customer with the token the order
@@ -1684,12 +1692,17 @@ def move_order(
     """
     now = utcnow()
     previous = [old for old, nexts in NEXT_STATUSES.items() if new_status in nexts]
-    conditions = [col(Order.id) == order_id, col(Order.status).in_(previous)]
-    if placed_before is not None:
-        conditions[1] = col(Order.status) == OrderStatus.pending
-        conditions.append(col(Order.created_at) < placed_before)
+    may_move: ColumnElement[bool]
+    if placed_before is None:
+        may_move = col(Order.status).in_(previous)
+    else:  # the hold is up only for an order still pending, placed before it
+        may_move = (col(Order.status) == OrderStatus.pending) & (
+            col(Order.created_at) < placed_before
+        )
     moved = session.exec(
-        update(Order).where(*conditions).values(status=new_status, updated_at=now)
+        update(Order)
+        .where(col(Order.id) == order_id, may_move)
+        .values(status=new_status, updated_at=now)
     ).rowcount
     order = read_order_or_404(session, order_id)
     if not moved:
@@ -1819,7 +1832,9 @@ class UnitOfWork:
                 try:
                     self.watch(connection)
                     if not self.write:  # see begin_transaction
-                        connection.execution_options(reads=self.snapshot)
+                        connection.execution_options(
+                            reads_only=True, snapshot=self.snapshot
+                        )
                     session.bind = connection  # the watched one, not one of its own
                     result = endpoint(**kwargs)
                     with self.lock:
@@ -1932,9 +1947,9 @@ async def in_transaction(
                     result = await asyncio.shield(running)
                     break
                 except Conflict:
-                    if (
-                        response is not None
-                    ):  # as FastAPI made it: no status, no headers
+                    # The next attempt answers as if it were the first: the Response
+                    # as FastAPI made it, with no status and no headers.
+                    if response is not None:
                         response.status_code = None  # type: ignore[assignment]
                         for name in set(response.headers.keys()):
                             del response.headers[name]
@@ -2064,7 +2079,7 @@ def begin_transaction(connection: Connection) -> None:
     On SQLite, one that may write takes the write lock at once, where SQLite can
     wait for it: begun at its first write, after its reads, another process could
     change what it read in between, and a book checked for its ETag (lock_book)
-    would no longer be the book it changes. A read (the `reads` option, set)
+    would no longer be the book it changes. One that only reads (`reads_only`)
     begins only if it is a `snapshot`, a page and its count that must see one
     state of the database; one of a single resource runs in autocommit. On
     PostgreSQL, whose READ COMMITTED gives each statement a state of its own, a
@@ -2072,11 +2087,11 @@ def begin_transaction(connection: Connection) -> None:
     (MariaDB's default is that already).
     """
     options = connection.get_execution_options()
-    reads_only = "reads" in options
+    reads_only = options.get("reads_only", False)
     if connection.dialect.name == "sqlite":
         if not reads_only:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
-        elif options["reads"]:
+        elif options["snapshot"]:
             connection.exec_driver_sql("BEGIN")
     else:  # set at every begin, so no connection keeps it for a write
         psycopg_connection: Any = connection.connection.dbapi_connection
