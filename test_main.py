@@ -71,10 +71,7 @@ def engine_fixture(request):
 
 @pytest.fixture(name="client")
 def client_fixture(engine):
-    with engine.begin() as connection:
-        for table in reversed(SQLModel.metadata.sorted_tables):
-            connection.execute(table.delete())
-
+    empty_tables(engine)
     with sessions_from(engine):
         yield TestClient(app)
 
@@ -101,6 +98,23 @@ def sessions_from(engine):
 def admin_token_fixture(monkeypatch):
     monkeypatch.setattr(main, "ADMIN_TOKEN", "s3cret-token")
     return "s3cret-token"
+
+
+def empty_tables(engine):
+    with engine.begin() as connection:
+        for table in reversed(SQLModel.metadata.sorted_tables):
+            connection.execute(table.delete())
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def wait_for(condition, seconds: float = 10, message: str = "not within the time"):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, message
+        time.sleep(0.05)
 
 
 def create_tables(engine):
@@ -1288,10 +1302,6 @@ def test_shipped_and_delivered_orders_cannot_be_cancelled(client, engine, status
 TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]{22,}")  # 128 bits or more, URL-safe
 
 
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
 def test_an_order_answers_with_its_own_token_and_nowhere_else(
     client, engine, admin_token
 ):
@@ -1398,21 +1408,12 @@ def holding(engine, monkeypatch, hold: float):
     `hold` seconds, on an engine of its own on `engine`'s database, emptied."""
     own = own_engine(engine)
     create_tables(own)
-    with own.begin() as connection:
-        for table in reversed(SQLModel.metadata.sorted_tables):
-            connection.execute(table.delete())
+    empty_tables(own)
     monkeypatch.setattr(main, "ORDER_HOLD_SECONDS", hold)
     monkeypatch.setattr(main, "SWEEP_EVERY", 0.1)
     monkeypatch.setattr(main, "engine", own)
     with sessions_from(own), TestClient(app) as client:
         yield client, own
-
-
-def wait_for(condition, seconds: float = 10):
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "not within the time"
-        time.sleep(0.05)
 
 
 def test_an_order_pending_past_its_hold_gives_its_copies_back_once(
@@ -2144,7 +2145,7 @@ PUBLIC_ROUTES = [
 def test_with_a_token_only_the_shop_may_change_things(
     client, engine, admin_token, caplog
 ):
-    shop = {"Authorization": f"Bearer {admin_token}"}
+    shop = bearer(admin_token)
     book = client.post("/books", json=BOOK, headers=shop).json()
     order = place_order(client, (book["id"], 1))  # customers need no token
     assert order.status_code == 201
@@ -2902,16 +2903,16 @@ def test_the_image_serves_no_open_shop(tmp_path):
         quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
         with subprocess.Popen(command, cwd=HERE, env=base | extra, **quiet) as p:
             try:
-                deadline = time.monotonic() + 20
-                while True:
-                    with suppress(httpx2.TransportError):
-                        health = httpx2.get(f"http://127.0.0.1:{port}/health")
-                        assert health.json() == {"status": "ok"}
-                        break
-                    assert time.monotonic() < deadline
-                    time.sleep(0.1)
+                wait_for(lambda: healthy(port), seconds=20)
             finally:
                 p.terminate()
+
+
+def healthy(port: int) -> bool:
+    with suppress(httpx2.TransportError):
+        health = httpx2.get(f"http://127.0.0.1:{port}/health")
+        return health.json() == {"status": "ok"}
+    return False
 
 
 def test_the_licence_is_the_one_the_schema_names(client):
@@ -3189,11 +3190,12 @@ def test_workers_give_abandoned_orders_back_once_and_confirms_race_it(
         spread = [lambda o=o, n=n: confirm(o, 1 + 0.3 * n)
                   for n, o in enumerate(placed[6:26])]  # fmt: skip
         racing = run_concurrently(spread, threads=20)
-        deadline = time.monotonic() + 15
-        while http.get("/orders", params={"status": "pending"},
-                       headers=admin).headers["X-Total-Count"] != "0":  # fmt: skip
-            assert time.monotonic() < deadline, "pending orders outlived their hold"
-            time.sleep(0.2)
+
+        def pending() -> str:
+            listed = http.get("/orders", params={"status": "pending"}, headers=admin)
+            return listed.headers["X-Total-Count"]
+
+        wait_for(lambda: pending() == "0", 15, "pending orders outlived their hold")
         time.sleep(1)  # more sweeps: nothing moves twice
         orders = {o["id"]: o["status"] for o in http.get(
             "/orders", params={"limit": 100}, headers=admin).json()}  # fmt: skip
@@ -3826,9 +3828,7 @@ def empty_database(url: str, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path}/bookstore.db"
     engine = make_engine(url)
     create_tables(engine)
-    with engine.begin() as connection:
-        for table in reversed(SQLModel.metadata.sorted_tables):
-            connection.execute(table.delete())
+    empty_tables(engine)
     engine.dispose()
     return url
 
