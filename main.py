@@ -91,6 +91,7 @@ from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import (
     DBAPIError,
+    DisconnectionError,
     IntegrityError,
     InterfaceError,
     OperationalError,
@@ -2037,7 +2038,8 @@ def make_engine(url: str, for_requests: bool = True) -> Engine:
         }
     elif url.startswith("sqlite"):
         # isolation_level=None: the driver begins no transaction itself, and
-        # begin_transaction begins each one (SQLAlchemy's pysqlite recipe).
+        # begin_transaction begins each one of a session (SQLAlchemy's pysqlite
+        # recipe, on the session's event rather than the engine's).
         connect_args = {
             "check_same_thread": False,
             "isolation_level": None,
@@ -2061,8 +2063,8 @@ def make_engine(url: str, for_requests: bool = True) -> Engine:
     )
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", set_sqlite_pragmas)
-    if engine.dialect.name in ("sqlite", "postgresql"):
-        event.listen(engine, "begin", begin_transaction)
+    if engine.dialect.name == "postgresql":
+        event.listen(engine, "checkout", refuse_unfinished)
     return engine
 
 
@@ -2073,8 +2075,20 @@ def set_sqlite_pragmas(dbapi_connection: Any, _connection_record: Any) -> None:
         dbapi_connection.execute(f"PRAGMA {pragma}")
 
 
-def begin_transaction(connection: Connection) -> None:
-    """Begin a transaction the way this database needs.
+def refuse_unfinished(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    """A psycopg connection leaves the pool idle, or not at all: one whose last
+    command never finished (its rollback failed, and psycopg did not find it
+    broken) is discarded, and the pool hands out another."""
+    if dbapi_connection.info.transaction_status != 0:  # psycopg: IDLE
+        raise DisconnectionError("a connection in the pool was left in a command")
+
+
+@event.listens_for(Session, "after_begin")
+def begin_transaction(_session: Session, _: Any, connection: Connection) -> None:
+    """Begin a session's transaction the way this database needs, before its first
+    statement. (The engine has a "begin" event too, but an engine with a listener
+    of its own runs every statement through its event dispatch, a cost each
+    request would pay.)
 
     On SQLite, one that may write takes the write lock at once, where SQLite can
     wait for it: begun at its first write, after its reads, another process could
@@ -2093,7 +2107,7 @@ def begin_transaction(connection: Connection) -> None:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
         elif options["snapshot"]:
             connection.exec_driver_sql("BEGIN")
-    else:  # set at every begin, so no connection keeps it for a write
+    elif connection.dialect.name == "postgresql":  # at every begin: no write keeps it
         psycopg_connection: Any = connection.connection.dbapi_connection
         repeatable_read = 3  # psycopg.IsolationLevel.REPEATABLE_READ
         psycopg_connection.isolation_level = repeatable_read if reads_only else None
@@ -2214,8 +2228,10 @@ def is_unreachable(error: DBAPIError) -> bool:
 def upgrade_tables(own: Engine) -> None:
     with own.begin() as connection:
         # The lock, held until the end: the other workers wait for it, then find
-        # nothing left to change. SQLite's is the write lock of every transaction.
-        if connection.dialect.name == "postgresql":
+        # nothing left to change. SQLite's is its write lock.
+        if connection.dialect.name == "sqlite":
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+        elif connection.dialect.name == "postgresql":
             connection.exec_driver_sql("SELECT pg_advisory_xact_lock(20261202)")
         elif connection.dialect.name in ("mysql", "mariadb"):  # held until closed
             connection.exec_driver_sql("SELECT GET_LOCK('bookstore start-up', 86400)")

@@ -3650,6 +3650,25 @@ def test_sqlite_writer_gets_a_connection_while_every_reader_holds_one(tmp_path):
     engine.dispose()
 
 
+@pytest.mark.skipif(
+    not any(url.startswith("postgresql") for url in DATABASE_URLS),
+    reason="needs PostgreSQL (BOOKSTORE_TEST_DATABASES)",
+)
+def test_a_postgresql_connection_left_in_a_command_is_not_handed_out_again():
+    """Back in the pool with a command whose answer was never read (as a rollback
+    that failed without psycopg finding the connection broken leaves it): the next
+    checkout gets another connection, which works, not that one."""
+    engine = make_engine(next(u for u in DATABASE_URLS if u.startswith("postgresql")))
+    with engine.connect() as connection:
+        left = connection.connection.dbapi_connection
+        left.pgconn.send_query(b"SELECT pg_sleep(0.2)")  # sent, never read
+    with engine.connect() as connection:
+        assert connection.connection.dbapi_connection is not left
+        assert connection.exec_driver_sql("SELECT 1").scalar() == 1
+    assert left.closed
+    engine.dispose()
+
+
 def test_writes_to_sqlite_queue_for_one_thread(client, engine):
     """And so does all the work of an in-memory database: one connection, one thread."""
 
@@ -4143,12 +4162,12 @@ def hold_book_lock(database_url: str, book_id: int, seconds: float):
     locked = threading.Event()
 
     def hold():
-        with engine.connect() as connection:
+        with Session(engine) as session:
             # On SQLite, the transaction begins with the write lock (begin_transaction).
-            connection.execute(select(Book).where(Book.id == book_id).with_for_update())
+            session.exec(select(Book).where(Book.id == book_id).with_for_update())
             locked.set()
             time.sleep(seconds)
-            connection.rollback()
+            session.rollback()
         engine.dispose()
 
     thread = threading.Thread(target=hold)
