@@ -2086,9 +2086,8 @@ def refuse_unfinished(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
 @event.listens_for(Session, "after_begin")
 def begin_transaction(_session: Session, _: Any, connection: Connection) -> None:
     """Begin a session's transaction the way this database needs, before its first
-    statement. (The engine has a "begin" event too, but an engine with a listener
-    of its own runs every statement through its event dispatch, a cost each
-    request would pay.)
+    statement. It listens to the session, not the engine: an engine with a
+    listener of its own runs every statement through its event dispatch.
 
     On SQLite, one that may write takes the write lock at once, where SQLite can
     wait for it: begun at its first write, after its reads, another process could
@@ -2192,6 +2191,10 @@ async def upgrade_database() -> None:
         while not stopping:
             try:
                 await asyncio.to_thread(upgrade_tables, own)
+                # The requests' engine connects once, here: on its first connection
+                # SQLAlchemy reads the server's settings, in statements that no
+                # request could cut off, and that hold every thread's connect.
+                await asyncio.to_thread(lambda: engine.connect().close())
                 break
             except (OperationalError, InterfaceError) as error:
                 if not is_unreachable(error):
