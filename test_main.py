@@ -49,6 +49,10 @@ DATABASE_URLS = ["sqlite://"] + [
     url for url in os.environ.get("BOOKSTORE_TEST_DATABASES", "").split(",") if url
 ]
 SERVER_URLS = [url for url in DATABASE_URLS if not url.startswith("sqlite")]
+POSTGRESQL_URL = next((u for u in DATABASE_URLS if u.startswith("postgresql")), "")
+needs_postgresql = pytest.mark.skipif(
+    not POSTGRESQL_URL, reason="needs PostgreSQL (BOOKSTORE_TEST_DATABASES)"
+)
 HERE = Path(__file__).parent
 
 
@@ -2500,14 +2504,11 @@ def test_a_latin1_mariadb_database_of_an_earlier_version_takes_emoji(tmp_path):
     assert "Traceback" not in (tmp_path / "service.log").read_text()
 
 
-@pytest.mark.skipif(
-    not any(url.startswith("postgresql") for url in DATABASE_URLS),
-    reason="needs PostgreSQL (BOOKSTORE_TEST_DATABASES)",
-)
+@needs_postgresql
 def test_without_pg_trgm_search_works_and_the_log_says_why(caplog, monkeypatch):
     """A role that may create tables but not extensions: the service starts, says
     once why search is slower, and searches all the same."""
-    url = make_url(next(url for url in DATABASE_URLS if url.startswith("postgresql")))
+    url = make_url(POSTGRESQL_URL)
     admin = make_engine(url.render_as_string(hide_password=False))
     with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
         for statement in (
@@ -3651,15 +3652,12 @@ def test_sqlite_writer_gets_a_connection_while_every_reader_holds_one(tmp_path):
     engine.dispose()
 
 
-@pytest.mark.skipif(
-    not any(url.startswith("postgresql") for url in DATABASE_URLS),
-    reason="needs PostgreSQL (BOOKSTORE_TEST_DATABASES)",
-)
+@needs_postgresql
 def test_a_postgresql_connection_left_in_a_command_is_not_handed_out_again():
     """Back in the pool with a command whose answer was never read (as a rollback
     that failed without psycopg finding the connection broken leaves it): the next
     checkout gets another connection, which works, not that one."""
-    engine = make_engine(next(u for u in DATABASE_URLS if u.startswith("postgresql")))
+    engine = make_engine(POSTGRESQL_URL)
     with engine.connect() as connection:
         left = connection.connection.dbapi_connection
         left.pgconn.send_query(b"SELECT pg_sleep(0.2)")  # sent, never read
